@@ -1,0 +1,134 @@
+"""Model-family specifics, kept as data.
+
+Every supported architecture is one :class:`Family` row: how its attention encodes
+positions, whether the position ids reach ``Cache.update`` (so the cache can follow the
+caller's positions), and which config attribute names a built-in sliding window. The
+cache reads only this table; nothing else in the library branches on ``model_type``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+PositionKind = Literal["rope", "alibi"]
+
+
+class UnsupportedModelError(ValueError):
+    """The model's architecture cannot be streamed exactly (or at all) by this library."""
+
+
+@dataclass(frozen=True)
+class Family:
+    """How one architecture encodes positions.
+
+    Attributes:
+        name: human-readable family name, used in messages and docs.
+        positions: ``"rope"`` (rotary embeddings applied to keys before caching) or
+            ``"alibi"`` (a linear bias on key index added inside attention).
+        positions_visible: True when the model forwards ``position_ids`` into
+            ``Cache.update`` kwargs, so the cache can see which positions the caller used.
+        sliding_window_attr: config attribute holding a built-in sliding window, or None.
+    """
+
+    name: str
+    positions: PositionKind
+    positions_visible: bool
+    sliding_window_attr: str | None = None
+
+
+_ROPE_VISIBLE = dict(positions="rope", positions_visible=True)
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("Llama", **_ROPE_VISIBLE),
+    "mistral": Family("Mistral", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
+    "qwen2": Family("Qwen2", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
+    "qwen3": Family("Qwen3", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
+    "gemma": Family("Gemma", **_ROPE_VISIBLE),
+    "phi3": Family("Phi-3", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
+    "gpt_neox": Family("GPT-NeoX/Pythia", positions="rope", positions_visible=False),
+    "falcon": Family("Falcon (RoPE)", positions="rope", positions_visible=False),
+    "falcon-alibi": Family("Falcon (ALiBi)", positions="alibi", positions_visible=False),
+    "mpt": Family("MPT", positions="alibi", positions_visible=False),
+    "bloom": Family("BLOOM", positions="alibi", positions_visible=False),
+}
+
+_REFUSED: dict[str, str] = {
+    "gpt2": (
+        "GPT-2 adds learned absolute position embeddings to the token embeddings, so the "
+        "position of every cached key is baked into its hidden state and cannot be moved "
+        "inside the cache. StreamingLLM cannot be applied exactly; use a RoPE or ALiBi model."
+    ),
+    "gemma2": "Gemma 2 alternates sliding-window and global layers with logit soft-capping; not supported.",
+    "gemma3_text": (
+        "Gemma 3 alternates sliding-window layers (which would mask out the attention sinks) "
+        "with global layers that use a different RoPE base; not supported."
+    ),
+    "gemma3": "Gemma 3 is not supported (see gemma3_text).",
+}
+
+
+def supported_families() -> str:
+    """A comma-separated list of supported families, for error messages."""
+    names = sorted({f.name for f in FAMILIES.values()})
+    return ", ".join(names)
+
+
+def family_of(config) -> Family:
+    """Return the :class:`Family` row of a transformers config, or raise a clear error."""
+    model_type = getattr(config, "model_type", None)
+    if model_type == "falcon" and getattr(config, "alibi", False):
+        model_type = "falcon-alibi"
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if model_type in _REFUSED:
+        raise UnsupportedModelError(f"model_type={model_type!r}: {_REFUSED[model_type]}")
+    raise UnsupportedModelError(
+        f"model_type={model_type!r} is not supported. Supported families: {supported_families()}."
+    )
+
+
+def sliding_window_of(config, family: Family) -> int | None:
+    """The model's own sliding-window length in tokens, or None when it has none in use."""
+    if family.sliding_window_attr is None:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:  # Qwen2/Qwen3 keep it off by default
+        return None
+    window = getattr(config, family.sliding_window_attr, None)
+    return int(window) if window else None
+
+
+def rope_inv_freq(model_or_config) -> torch.Tensor:
+    """The rotary inverse frequencies (radians per position) the model really uses.
+
+    Read from the model's rotary module when a model is given, so the cache rotates with the
+    exact float32 values the model uses; computed from the config otherwise. Its length is
+    half the number of rotated dimensions per head (partial rotary is covered).
+    """
+    if isinstance(model_or_config, torch.nn.Module):
+        for module in model_or_config.modules():
+            inv_freq = getattr(module, "inv_freq", None)
+            if isinstance(inv_freq, torch.Tensor):
+                return inv_freq.detach().float().cpu()
+        model_or_config = model_or_config.config
+    config = model_or_config
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    rope_type = params.get("rope_type", "default")
+    if rope_type != "default":
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        return inv_freq.float()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = int(head_dim * params.get("partial_rotary_factor", 1.0))
+    base = params.get("rope_theta", 10000.0)
+    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+
+
+def alibi_limit(config) -> int | None:
+    """Longest key length an ALiBi model's bias table covers (MPT precomputes one), or None."""
+    if getattr(config, "model_type", None) == "mpt":
+        return int(config.max_seq_len)
+    return None

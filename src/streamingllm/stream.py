@@ -1,0 +1,156 @@
+"""Feeding endless token streams through a model with a :class:`~streamingllm.cache.SinkCache`.
+
+* :func:`prefill` reads a prompt of any length in chunks, evicting as it goes, so memory
+  never exceeds the cache plus one chunk. ``exact=True`` gives every token exactly the
+  attention it would get if the prompt were fed one token at a time (sinks + its own last
+  ``window_size`` tokens, at the same positions); ``exact=False`` uses the model's plain
+  causal mask inside a chunk, so a token may also see up to ``chunk_size - 1`` older window
+  tokens, with the sinks one position further away per such token (cheaper; documented in
+  docs/design.md).
+* :func:`generate_tokens` yields new token ids one by one (greedy or sampled).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from .cache import SinkCache, _check_int
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen.
+
+    Attributes:
+        temperature: softmax temperature (> 0); 0 means greedy (argmax).
+        top_k: keep only the k most likely tokens (0 = no limit).
+        top_p: keep the smallest set of tokens whose probability sums to >= top_p (1 = no limit).
+        seed: random seed for sampling (None = not seeded).
+    """
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not (self.temperature >= 0):
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Choose the next token for each row of ``logits`` (B, vocab); returns (B,) int64."""
+        if self.temperature == 0:
+            return logits.argmax(dim=-1)
+        logits = logits.float() / self.temperature
+        if self.top_k:
+            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+            cumulative = sorted_logits.softmax(-1).cumsum(-1)
+            drop = cumulative - sorted_logits.softmax(-1) >= self.top_p
+            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+def _as_batch(input_ids) -> torch.Tensor:
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2:
+        raise ValueError(f"input_ids must be 1D (tokens) or 2D (batch, tokens), got shape {tuple(ids.shape)}")
+    if ids.shape[1] == 0:
+        raise ValueError("input_ids is empty: give at least one token")
+    return ids
+
+
+@torch.no_grad()
+def prefill(
+    model,
+    cache: SinkCache,
+    input_ids,
+    chunk_size: int = 256,
+    exact: bool = True,
+    return_all_logits: bool = False,
+    progress=None,
+) -> torch.Tensor:
+    """Run ``input_ids`` (B, T) through ``model`` in chunks, streaming them into ``cache``.
+
+    Args:
+        model: a causal LM whose family ``cache`` was built for.
+        cache: the :class:`SinkCache` to fill (it may already hold a stream).
+        input_ids: token ids, shape (T,) or (B, T); equal-length streams, no padding.
+        chunk_size: tokens per forward pass (>= 1). Peak memory grows with it.
+        exact: banded attention inside each chunk, identical to token-by-token feeding.
+            ALiBi models have no exact chunked form here and are fed one token at a time.
+        return_all_logits: return logits for every token (B, T, vocab) instead of the last (B, vocab).
+        progress: optional callable ``progress(n_tokens_done)`` called after each chunk.
+
+    Returns:
+        The logits of the last token (B, vocab), or of all tokens with ``return_all_logits``.
+    """
+    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    ids = _as_batch(input_ids).to(model.device)
+    if exact and cache.family.positions != "rope":
+        chunk_size = 1
+    outputs, done, total = [], 0, ids.shape[1]
+    while done < total:
+        room = cache.max_cached_tokens + 1 - cache.seen_tokens  # chunks that evict nothing are exact already
+        size = min(chunk_size, total - done)
+        if exact and room > 0:
+            size = min(size, room)
+        piece = ids[:, done : done + size]
+        mask = cache.exact_chunk_mask(size, dtype=model.dtype, device=model.device) if exact else None
+        logits = model(input_ids=piece, cache=cache, attention_mask=mask, use_cache=True).logits
+        outputs.append(logits if return_all_logits else logits[:, -1])
+        done += size
+        if progress is not None:
+            progress(done)
+    return torch.cat(outputs, dim=1) if return_all_logits else outputs[-1]
+
+
+@torch.no_grad()
+def generate_tokens(
+    model,
+    cache: SinkCache,
+    input_ids,
+    max_new_tokens: int,
+    sampling: Sampling = Sampling(),
+    stop_token_ids: set[int] | frozenset[int] = frozenset(),
+    chunk_size: int = 256,
+    exact_prefill: bool = True,
+) -> Iterator[torch.Tensor]:
+    """Prefill ``input_ids`` and yield up to ``max_new_tokens`` new tokens, one (B,) tensor per step.
+
+    Memory stays bounded by the cache however many tokens are generated. Generation stops
+    early when every row has produced a token in ``stop_token_ids``.
+    """
+    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
+    if max_new_tokens == 0:
+        return
+    generator = None
+    if sampling.seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
+    logits = prefill(model, cache, input_ids, chunk_size=chunk_size, exact=exact_prefill)
+    ids = _as_batch(input_ids)
+    step_ids = torch.empty((ids.shape[0], 1), dtype=torch.long, device=model.device)  # reused every step
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
+    stops = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=model.device)
+    for i in range(max_new_tokens):
+        token = sampling.pick(logits, generator)
+        yield token
+        if len(stops):
+            finished |= torch.isin(token, stops)
+            if bool(finished.all()):
+                return
+        if i + 1 == max_new_tokens:
+            return
+        step_ids[:, 0] = token
+        logits = model(input_ids=step_ids, cache=cache, use_cache=True).logits[:, -1]

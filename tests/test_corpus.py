@@ -1,0 +1,138 @@
+"""Tests for streamingllm.corpus (offline except the one marked ``network``)."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+from streamingllm import corpus
+from streamingllm.corpus import AUSTEN_NOVELS, CorpusError, austen_text
+
+
+def _apt_download_possible() -> bool:
+    """True when apt-get/dpkg-deb exist, apt knows the package and its archive host answers."""
+    if not (shutil.which("apt-get") and shutil.which("dpkg-deb")):
+        return False
+    try:
+        out = subprocess.run(
+            ["apt-get", "download", "--print-uris", corpus.DEB_PACKAGE],
+            capture_output=True, text=True, timeout=30, cwd="/",
+        ).stdout
+        url = urlparse(out.split()[0].strip("'"))
+        socket.create_connection((url.hostname, url.port or 80), timeout=5).close()
+        return True
+    except (OSError, IndexError, subprocess.SubprocessError):
+        return False
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError("download attempted although the cache is complete")
+
+
+@pytest.fixture
+def fake_cache(tmp_path):
+    """A cache dir holding a tiny distinct text for every novel."""
+    folder = tmp_path / "austen"
+    folder.mkdir()
+    texts = {name: f"{name} line 1\n{name} line 2 £" for name in AUSTEN_NOVELS}
+    for name, text in texts.items():
+        (folder / f"{name}.txt").write_bytes(text.encode("utf-8"))
+    return tmp_path, texts
+
+
+def test_publication_order():
+    assert AUSTEN_NOVELS == (
+        "sensesensibility", "prideprejudice", "mansfieldpark",
+        "emma", "northangerabbey", "persuasion",
+    )
+
+
+def test_unknown_novel_names_allowed_ones(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus, "_download_deb", _no_download)
+    with pytest.raises(CorpusError) as info:
+        austen_text(tmp_path, novels=["emma", "ulysses"])
+    message = str(info.value)
+    assert "ulysses" in message
+    assert all(name in message for name in AUSTEN_NOVELS)
+
+
+def test_cached_files_are_used_in_documented_order(fake_cache, monkeypatch):
+    cache_dir, texts = fake_cache
+    monkeypatch.setattr(corpus, "_download_deb", _no_download)
+    monkeypatch.setattr(corpus, "_extract_novels", _no_download)
+    assert austen_text(cache_dir) == "\n\n".join(texts[n] for n in AUSTEN_NOVELS)
+    assert austen_text(str(cache_dir), novels=["persuasion", "emma"]) == (
+        texts["persuasion"] + "\n\n" + texts["emma"]
+    )
+    assert austen_text(cache_dir, novels="emma") == texts["emma"]
+
+
+def test_default_cache_dir_from_env(fake_cache, monkeypatch):
+    cache_dir, texts = fake_cache
+    monkeypatch.setattr(corpus, "_download_deb", _no_download)
+    monkeypatch.setenv("STREAMINGLLM_CACHE", str(cache_dir))
+    assert corpus.default_cache_dir() == cache_dir
+    assert austen_text(novels=["emma"]) == texts["emma"]
+    monkeypatch.delenv("STREAMINGLLM_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(cache_dir))
+    assert corpus.default_cache_dir() == cache_dir / "streamingllm"
+
+
+def test_incomplete_cache_triggers_download(fake_cache, monkeypatch):
+    cache_dir, _ = fake_cache
+    (cache_dir / "austen" / "emma.txt").unlink()
+
+    def failing_download(dest):
+        raise CorpusError("simulated download failure")
+
+    monkeypatch.setattr(corpus, "_download_deb", failing_download)
+    with pytest.raises(CorpusError, match="simulated"):
+        austen_text(cache_dir, novels=["emma"])
+
+
+def test_missing_apt_get_gives_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(CorpusError) as info:
+        austen_text(tmp_path)
+    message = str(info.value)
+    assert corpus.DEB_PACKAGE in message and "archive" in message and "cache_dir" in message
+
+
+@pytest.mark.skipif(shutil.which("dpkg-deb") is None, reason="dpkg-deb not available")
+def test_bad_deb_raises_corpus_error(tmp_path):
+    bad = tmp_path / "bogus.deb"
+    bad.write_bytes(b"this is not a debian package")
+    with pytest.raises(CorpusError, match="dpkg-deb"):
+        austen_text(tmp_path / "cache", deb_path=bad)
+    assert not list((tmp_path / "cache" / "austen").glob("*.txt"))
+
+
+@pytest.mark.network
+@pytest.mark.skipif(not _apt_download_possible(), reason="apt-get download of r-cran-janeaustenr not possible")
+def test_real_download_and_parse(tmp_path, monkeypatch):
+    start = time.perf_counter()
+    text = austen_text(tmp_path)
+    elapsed = time.perf_counter() - start
+    assert "It is a truth universally acknowledged" in text
+    assert len(text) > 4_000_000
+    assert text.startswith("SENSE AND SENSIBILITY\n")
+    positions = [text.index(title) for title in (
+        "SENSE AND SENSIBILITY", "PRIDE AND PREJUDICE", "MANSFIELD PARK",
+        "EMMA\n\nBy Jane Austen", "NORTHANGER ABBEY", "Persuasion\n\n\nby",
+    )]
+    assert positions == sorted(positions)
+    files = sorted(p.name for p in (tmp_path / "austen").iterdir())
+    assert files == sorted(f"{n}.txt" for n in AUSTEN_NOVELS)  # no leftover temp files
+    parts = {n: austen_text(tmp_path, novels=[n]) for n in AUSTEN_NOVELS}
+    assert "\n\n".join(parts[n] for n in AUSTEN_NOVELS) == text
+    sizes = {n: len(t) for n, t in parts.items()}
+    print(f"first fetch {elapsed:.1f}s; characters per novel: {sizes}")
+    # Second call must come from the cache alone.
+    monkeypatch.setattr(corpus, "_download_deb", _no_download)
+    monkeypatch.setattr(corpus, "_extract_novels", _no_download)
+    assert austen_text(tmp_path) == text

@@ -1,0 +1,52 @@
+"""Tiny random models of every family, built from transformers config classes (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+
+VOCAB = 97
+
+_CONFIGS = {
+    "llama": lambda: tf.LlamaConfig(num_key_value_heads=2),
+    "mistral": lambda: tf.MistralConfig(num_key_value_heads=2, sliding_window=None),
+    "qwen2": lambda: tf.Qwen2Config(num_key_value_heads=2),
+    "qwen3": lambda: tf.Qwen3Config(num_key_value_heads=2, head_dim=8),
+    "gemma": lambda: tf.GemmaConfig(num_key_value_heads=1, head_dim=8),
+    "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, sliding_window=None, pad_token_id=0),
+    "gpt_neox": lambda: tf.GPTNeoXConfig(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    "falcon": lambda: tf.FalconConfig(alibi=False, new_decoder_architecture=True, num_kv_heads=2),
+    "falcon-alibi": lambda: tf.FalconConfig(alibi=True),
+    "mpt": lambda: tf.MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=4096, expansion_ratio=2),
+    "bloom": lambda: tf.BloomConfig(n_head=4, n_layer=2),
+}
+
+ROPE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "falcon"]
+ALIBI_FAMILIES = ["falcon-alibi", "mpt", "bloom"]
+FAMILIES = ROPE_FAMILIES + ALIBI_FAMILIES
+
+
+def tiny_config(family: str, **overrides):
+    config = _CONFIGS[family]()
+    common = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        max_position_embeddings=1 << 20, tie_word_embeddings=False,
+    )
+    for key, value in {**common, **overrides}.items():
+        if family == "mpt" and key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings"):
+            continue
+        setattr(config, key, value)
+    return config
+
+
+def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
+    """A 2-layer random model of ``family`` in eval mode."""
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    # random init is tiny; scale weights up so attention is far from uniform and errors show
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name and "wte" not in name:
+                p.mul_(4.0)
+    return model
