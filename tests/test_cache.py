@@ -1,0 +1,194 @@
+"""The fast SinkCache against the slow reference, DynamicCache, generate(), and itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from reference import ReferenceSinkCache
+from streamingllm import SinkCache, UnsupportedModelError
+from streamingllm.stream import prefill
+from tiny import ALIBI_FAMILIES, FAMILIES, ROPE_FAMILIES, VOCAB, tiny_config, tiny_model
+
+TOL = 1e-4
+STEPS = 620  # decode steps, far past the cache size: hundreds of evictions, compactions and rebases
+
+
+def _decode_logits(model, cache, ids):
+    with torch.no_grad():
+        return torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], dim=1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("sink_size, window_size", [(0, 8), (1, 24), (4, 16), (4, 45)])
+def test_matches_reference_over_long_decode(family, sink_size, window_size):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (1, STEPS), generator=torch.Generator().manual_seed(1))
+    # small slack/rebase period so compaction and rebasing happen many times in the run
+    fast = SinkCache(model, sink_size, window_size, slack=7, rebase_every=50)
+    ref = ReferenceSinkCache(model, sink_size, window_size)
+    a, b = _decode_logits(model, fast, ids), _decode_logits(model, ref, ids)
+    assert (a - b).abs().max().item() <= TOL
+    assert fast.cached_tokens == sink_size + window_size and fast.seen_tokens == STEPS
+
+
+def test_reference_is_sensitive_to_positions():
+    """Negative control: plain absolute positions (no re-positioning) are far from the reference."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(2))
+    ref = _decode_logits(model, ReferenceSinkCache(model, 4, 16), ids)
+    wrong = _decode_logits(model, ReferenceSinkCache(model, 4, 10_000), ids)  # never evicts
+    assert (ref - wrong).abs().max().item() > 100 * TOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "falcon", "bloom", "mpt"])
+def test_equals_dynamic_cache_until_full(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    a = _decode_logits(model, SinkCache(model, 4, 60), ids)
+    b = _decode_logits(model, DynamicCache(config=model.config), ids)
+    assert (a - b).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox", "falcon-alibi"])
+def test_generate_equals_manual_loop(family):
+    model = tiny_model(family)
+    prompt = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(4))
+    cache = SinkCache(model, 4, 20)
+    out = model.generate(prompt, cache=cache, max_new_tokens=80, do_sample=False, pad_token_id=0)
+    manual = SinkCache(model, 4, 20)
+    with torch.no_grad():
+        logits = model(prompt, cache=manual).logits[:, -1]
+        tokens = []
+        for _ in range(80):
+            tokens.append(logits.argmax(-1))
+            logits = model(tokens[-1][:, None], cache=manual).logits[:, -1]
+    assert out[0, 12:].tolist() == torch.stack(tokens, 1)[0].tolist()
+
+
+@pytest.mark.parametrize("family", ROPE_FAMILIES)
+@pytest.mark.parametrize("sink_size, window_size, chunk", [(4, 16, 7), (0, 8, 5), (1, 24, 64), (4, 40, 33)])
+def test_exact_chunked_prefill_equals_token_by_token(family, sink_size, window_size, chunk):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 160), generator=torch.Generator().manual_seed(5))
+    one = SinkCache(model, sink_size, window_size)
+    many = SinkCache(model, sink_size, window_size)
+    a = prefill(model, one, ids, chunk_size=1, return_all_logits=True)
+    b = prefill(model, many, ids, chunk_size=chunk, exact=True, return_all_logits=True)
+    assert (a - b).abs().max().item() <= TOL
+    more = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))
+    a = prefill(model, one, more, chunk_size=1, return_all_logits=True)
+    b = prefill(model, many, more, chunk_size=1, return_all_logits=True)
+    assert (a - b).abs().max().item() <= TOL
+
+
+def test_fast_prefill_is_bounded_and_continues_exactly():
+    """Fast mode is an approximation inside the prompt, but leaves a well-formed cache."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(7))
+    cache = SinkCache(model, 4, 32)
+    prefill(model, cache, ids, chunk_size=100, exact=False)
+    assert cache.cached_tokens == 36 and cache.seen_tokens == 300
+    assert cache.layers[0].keys.shape[-2] == cache.timeline.capacity
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+def test_batch_of_streams_equals_single_streams(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (3, 150), generator=torch.Generator().manual_seed(8))
+    batched = _decode_logits(model, SinkCache(model, 4, 16), ids)
+    for row in range(3):
+        single = _decode_logits(model, SinkCache(model, 4, 16), ids[row : row + 1])
+        assert (batched[row] - single[0]).abs().max().item() <= TOL
+
+
+def test_left_padding_is_refused():
+    model = tiny_model("llama")
+    ids = torch.randint(1, VOCAB, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    with pytest.raises(ValueError, match="left padding"):
+        model.generate(ids, attention_mask=mask, cache=SinkCache(model, 4, 16), max_new_tokens=3, pad_token_id=0)
+
+
+def _periodic_stream(period_tokens, total):
+    reps = total // len(period_tokens) + 1
+    return period_tokens.repeat(1, reps)[:, :total]
+
+
+def test_position_one_million_is_as_exact_as_position_zero():
+    """A periodic stream: after L*W tokens every token's KV depends only on its phase, so the
+    logits at stream position ~1,000,000 must equal those of the same phase early on."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    S, W, period = 4, 12, 12
+    pattern = torch.randint(0, VOCAB, (1, period), generator=torch.Generator().manual_seed(9))
+    cache = SinkCache(model, S, W)
+    early_len = S + 10 * period  # well past L * W
+    stream = torch.cat([torch.zeros(1, S, dtype=torch.long), _periodic_stream(pattern, 1_000_000)], dim=1)
+    early = prefill(model, SinkCache(model, S, W), stream[:, : early_len + 24], chunk_size=1, return_all_logits=True)[:, -24:]
+    # feed ~1M tokens fast (exact chunked prefill), then the last 24 one by one
+    start = len(stream[0]) - 24 - ((len(stream[0]) - 24 - early_len) % period)
+    prefill(model, cache, stream[:, :start], chunk_size=2048, exact=True)
+    assert cache.seen_tokens == start > 999_000
+    late = prefill(model, cache, stream[:, start : start + 24], chunk_size=1, return_all_logits=True)
+    assert (late - early).abs().max().item() <= TOL
+    assert cache.get_seq_length() < 2 * (S + W) + 512  # the model never saw a large position
+
+
+def test_storage_does_not_grow():
+    model = tiny_model("llama")
+    cache = SinkCache(model, 4, 32)
+    ids = torch.randint(0, VOCAB, (1, 5000), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        model(ids[:, :40], cache=cache)
+        layer = cache.layers[0]
+        pointers = [(l.keys.data_ptr(), l.values.data_ptr(), l.keys.numel()) for l in cache.layers]
+        step_ids = torch.empty(1, 1, dtype=torch.long)
+        for t in range(40, 5000):
+            step_ids[0, 0] = ids[0, t]
+            model(step_ids, cache=cache)
+    assert [(l.keys.data_ptr(), l.values.data_ptr(), l.keys.numel()) for l in cache.layers] == pointers
+    assert layer.keys.shape[-2] == cache.timeline.capacity and cache.cached_tokens == 36
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(sink_size=-1), ValueError, "sink_size"),
+        (dict(window_size=0), ValueError, "window_size"),
+        (dict(window_size=2.5), TypeError, "window_size"),
+        (dict(sink_size="4"), TypeError, "sink_size"),
+        (dict(sink_size=True), TypeError, "sink_size"),
+    ],
+)
+def test_bad_sizes(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        SinkCache(tiny_config("llama"), **kwargs)
+
+
+def test_unsupported_models():
+    import transformers as tf
+
+    with pytest.raises(UnsupportedModelError, match="learned absolute position"):
+        SinkCache(tf.GPT2Config(), 4, 16)
+    with pytest.raises(UnsupportedModelError, match="Supported families"):
+        SinkCache(tf.T5Config(), 4, 16)
+    with pytest.raises(TypeError, match="model_or_config"):
+        SinkCache("llama", 4, 16)
+
+
+def test_sliding_window_models_refuse_hidden_sinks():
+    config = tiny_config("mistral", sliding_window=32)
+    SinkCache(config, 4, 27)  # 4 + 27 < 32: the model's own window never hides a sink
+    with pytest.raises(ValueError, match="sliding_window"):
+        SinkCache(config, 4, 28)
+
+
+def test_alibi_table_limit():
+    with pytest.raises(ValueError, match="max_seq_len"):
+        SinkCache(tiny_config("mpt"), 4, 5000)
+
+
+def test_alibi_families_listed():
+    assert set(ALIBI_FAMILIES) <= set(FAMILIES)
