@@ -45,4 +45,4 @@ def test_generate_streams_past_the_cache_on_the_default_model():
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Paris" in run.stdout
     assert len(run.stdout.split()) > 100  # it kept generating words after the cache filled
-    assert "cache 64/64 tokens" in run.stderr
+    assert "cache 64/64 tokens" in run.stderr  # bounded however long it ran

@@ -65,12 +65,17 @@ class Rotator:
         self.half = self.inv_freq64.numel()
         self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def cos_sin(self, deltas: tuple[int, ...], device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin of ``delta * inv_freq`` for each delta, shape (len(deltas), half), cached."""
-        key = (deltas, device, dtype)
+    def cos_sin(self, deltas: tuple[int, ...], device, dtype, repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin of ``delta * inv_freq``, each delta repeated ``repeats`` times: (len * repeats, half).
+
+        Angles are computed in float64 from the integer deltas, then cast; results are memoised,
+        so all layers of one step share one computation.
+        """
+        key = (deltas, repeats, device, dtype)
         hit = self._memo.get(key)
         if hit is None:
             angles = torch.tensor(deltas, dtype=torch.float64)[:, None] * self.inv_freq64[None, :]
+            angles = angles.repeat_interleave(repeats, dim=0)
             hit = (angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype))
             if len(self._memo) > 64:
                 self._memo.clear()
@@ -80,15 +85,16 @@ class Rotator:
     def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, out: torch.Tensor | None = None):
         """Rotate ``x`` (..., T, head_dim) by angles with cos/sin broadcastable to (..., T, half).
 
-        Writes into ``out`` (may be ``x`` itself) when given, else returns a new tensor.
+        Writes into ``out`` (which may be ``x`` itself) when given, else into a new tensor.
+        Channels past ``2 * half`` (partial rotary) are copied unchanged.
         """
         h = self.half
         x1, x2 = x[..., :h], x[..., h : 2 * h]
         r1 = x1 * cos - x2 * sin
         r2 = x2 * cos + x1 * sin
         if out is None:
-            out = x.clone()
-        elif out is not x and x.shape[-1] > 2 * h:
+            out = torch.empty_like(x)
+        if out is not x and x.shape[-1] > 2 * h:
             out[..., 2 * h :].copy_(x[..., 2 * h :])
         out[..., :h].copy_(r1)
         out[..., h : 2 * h].copy_(r2)
@@ -259,7 +265,7 @@ class SinkCacheLayer(StaticLayer):
         if step.mode == "view":
             o = step.off
             if step.write_sinks:
-                K[:, :, o : o + s0].copy_(self._rotated_sinks(step.sink_deltas, s0))
+                self._rotated_sinks(step.sink_deltas, s0, out=K[:, :, o : o + s0])
                 V[:, :, o : o + s0].copy_(self.sink_values[:, :, :s0])
             K[:, :, o + step.n : o + step.n + q].copy_(key_states)
             V[:, :, o + step.n : o + step.n + q].copy_(value_states)
@@ -276,16 +282,18 @@ class SinkCacheLayer(StaticLayer):
             V[:, :, s1 : s1 + step.kept].copy_(values[:, :, -step.kept :])
         return keys, values
 
-    def _rotated_sinks(self, deltas: tuple[int, ...], n_sink: int) -> torch.Tensor:
-        """The first ``n_sink`` stored sink keys rotated by each delta, one group after another."""
+    def _rotated_sinks(self, deltas: tuple[int, ...], n_sink: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The first ``n_sink`` stored sink keys rotated by each delta, one group after another.
+
+        Written into ``out`` when given (the buffer slots in front of the window).
+        """
         keys = self.sink_keys[:, :, :n_sink]
         if len(deltas) > 1:
             keys = keys.repeat(1, 1, len(deltas), 1)
         if self.rotator is None or deltas == (0,):
-            return keys
-        cos, sin = self.rotator.cos_sin(deltas, keys.device, keys.dtype)
-        cos, sin = cos.repeat_interleave(n_sink, dim=0), sin.repeat_interleave(n_sink, dim=0)
-        return self.rotator.rotate(keys, cos, sin)
+            return keys if out is None else out.copy_(keys)
+        cos, sin = self.rotator.cos_sin(deltas, keys.device, keys.dtype, repeats=n_sink)
+        return self.rotator.rotate(keys, cos, sin, out=out)
 
     def _store_new_sinks(self, step: Step, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         k, s0 = step.new_sinks, step.n_sink

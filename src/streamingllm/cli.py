@@ -146,7 +146,11 @@ def cmd_generate(args) -> int:
             )
     sys.stdout.write("\n")
     if args.stats:
-        print(f"[done: {count} tokens in {time.perf_counter() - start:.1f} s, RSS {_rss_mib():.0f} MiB]", file=sys.stderr)
+        print(
+            f"[done: {count} tokens in {time.perf_counter() - start:.1f} s, cache {cache.cached_tokens}/"
+            f"{cache.max_cached_tokens} tokens, seen {cache.seen_tokens}, RSS {_rss_mib():.0f} MiB]",
+            file=sys.stderr,
+        )
     return 0
 
 
