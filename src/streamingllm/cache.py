@@ -28,7 +28,7 @@ How it is exact and cheap (details in docs/design.md):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from numbers import Integral
 
 import torch
@@ -123,6 +123,7 @@ class Step:
     new_sinks: int = 0  # how many of the new tokens become sinks
     new_sink_delta: int = 0  # rotation applied to new sink keys before storing them
     kept: int = 0  # window length after the step
+    rotated_sinks: torch.Tensor | None = None  # all layers' sinks, rotated once for this step
 
 
 @dataclass
@@ -152,7 +153,6 @@ class Timeline:
     frame_next: int = 0  # model-frame position of the next token
     sink_frame: int = 0  # model-frame position the stored sink 0 is rotated at
     sinks_in_buffer: tuple[int, int] | None = (0, 0)  # (off, delta) of the sinks now at buffer[off:]
-    pending: Step | None = field(default=None, repr=False)
     exact_next: bool = False
 
     @property
@@ -236,8 +236,9 @@ class SinkCacheLayer(StaticLayer):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, timeline: Timeline, rotator: Rotator | None):
+    def __init__(self, timeline: Timeline, rotator: Rotator | None, index: int = 0):
         super().__init__(max_cache_len=timeline.capacity)
+        self.index = index  # layer index: this layer's slice of the cache-wide sink tensors
         self.timeline = timeline
         self.rotator = rotator
         self.sink_keys: torch.Tensor | None = None
@@ -246,7 +247,8 @@ class SinkCacheLayer(StaticLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
         S = self.timeline.sink_size
-        self.sink_keys = key_states.new_zeros((*key_states.shape[:2], S, key_states.shape[-1]))
+        if self.sink_keys is None:  # normally a view of the cache-wide sink tensor
+            self.sink_keys = key_states.new_zeros((*key_states.shape[:2], S, key_states.shape[-1]))
         self.sink_values = value_states.new_zeros((*value_states.shape[:2], S, value_states.shape[-1]))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, step: Step, *args, **kwargs):
@@ -265,7 +267,10 @@ class SinkCacheLayer(StaticLayer):
         if step.mode == "view":
             o = step.off
             if step.write_sinks:
-                self._rotated_sinks(step.sink_deltas, s0, out=K[:, :, o : o + s0])
+                if step.rotated_sinks is not None:  # rotated once for all layers by the cache
+                    K[:, :, o : o + s0].copy_(step.rotated_sinks[self.index, :, :, :s0])
+                else:
+                    self._rotated_sinks(step.sink_deltas, s0, out=K[:, :, o : o + s0])
                 V[:, :, o : o + s0].copy_(self.sink_values[:, :, :s0])
             K[:, :, o + step.n : o + step.n + q].copy_(key_states)
             V[:, :, o + step.n : o + step.n + q].copy_(value_states)
@@ -377,7 +382,9 @@ class SinkCache(Cache):
         )
         self.num_layers = config.num_hidden_layers
         self._step: Step | None = None
-        super().__init__(layers=[SinkCacheLayer(self.timeline, rotator) for _ in range(self.num_layers)])
+        self._sink_keys: torch.Tensor | None = None  # (layers, batch, kv_heads, sink_size, head_dim)
+        self._sinks_rotated: torch.Tensor | None = None
+        super().__init__(layers=[SinkCacheLayer(self.timeline, rotator, i) for i in range(self.num_layers)])
 
     # --- the transformers Cache API -------------------------------------------------
 
@@ -385,7 +392,24 @@ class SinkCache(Cache):
         """Store the new keys/values of layer ``layer_idx`` and return those to attend to."""
         if layer_idx == 0:
             self._step = self.timeline.plan(key_states.shape[-2], _first_position(kwargs, key_states.shape[0]))
+            self._rotate_all_sinks(self._step, key_states)
         return self.layers[layer_idx].update(key_states, value_states, self._step)
+
+    def _rotate_all_sinks(self, step: Step, key_states: torch.Tensor) -> None:
+        """Rotate the sinks of every layer at once (one set of small ops per step, not per layer)."""
+        rotator = self.layers[0].rotator
+        if rotator is None or not self.sink_size:
+            return
+        if self._sink_keys is None:
+            shape = (self.num_layers, *key_states.shape[:2], self.sink_size, key_states.shape[-1])
+            self._sink_keys = key_states.new_zeros(shape)
+            self._sinks_rotated = torch.empty_like(self._sink_keys)
+            for i, layer in enumerate(self.layers):
+                layer.sink_keys = self._sink_keys[i]
+        if step.mode == "view" and step.write_sinks and step.sink_deltas != (0,):
+            s0 = step.n_sink
+            cos, sin = rotator.cos_sin(step.sink_deltas, key_states.device, key_states.dtype, repeats=s0)
+            step.rotated_sinks = rotator.rotate(self._sink_keys[..., :s0, :], cos, sin, out=self._sinks_rotated[..., :s0, :])
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         """In-cache index of the first new token (the attention mask is built in cache order)."""
@@ -395,7 +419,7 @@ class SinkCache(Cache):
         super().reset()
         t = self.timeline
         t.seen = t.n_sink = t.window = t.off = t.frame_next = t.sink_frame = 0
-        t.sinks_in_buffer, t.pending, t.exact_next = (0, 0), None, False
+        t.sinks_in_buffer, t.exact_next = (0, 0), False
 
     # --- streaming helpers ------------------------------------------------------------
 
