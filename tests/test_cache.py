@@ -190,5 +190,12 @@ def test_alibi_table_limit():
         SinkCache(tiny_config("mpt"), 4, 5000)
 
 
-def test_alibi_families_listed():
+@pytest.mark.parametrize("family", ALIBI_FAMILIES)
+def test_alibi_caches_report_cached_length(family):
+    """ALiBi models size their bias from get_seq_length(): it must be the number of cached tokens."""
     assert set(ALIBI_FAMILIES) <= set(FAMILIES)
+    model = tiny_model(family)
+    cache = SinkCache(model, 4, 16)
+    _decode_logits(model, cache, torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(11)))
+    assert cache.layers[0].rotator is None
+    assert cache.get_seq_length() == cache.cached_tokens == 20 and cache.seen_tokens == 50

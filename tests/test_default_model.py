@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from streamingllm import SinkCache, generate_tokens, prefill
 from streamingllm.models import ModelLoadError, load, resolve

@@ -36,9 +36,6 @@ from transformers.cache_utils import Cache, StaticLayer
 
 from .families import Family, UnsupportedModelError, alibi_limit, family_of, rope_inv_freq, sliding_window_of
 
-NEG_INF = float("-inf")
-
-
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, Integral):
         raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
@@ -160,6 +157,11 @@ class Timeline:
         """Tokens currently held (sinks + window)."""
         return self.n_sink + self.window
 
+    def overflows(self, q: int) -> bool:
+        """True when some of ``q`` new tokens would see more than the window under a causal mask:
+        then only the exact layout (one sink copy per overflowing token) is exact."""
+        return q > 1 and self.n_sink == self.sink_size and self.window + q - 1 > self.window_size
+
     def suggested_position(self) -> int:
         """The position the next token should be given (what ``get_seq_length`` returns)."""
         if self.seen == 0:
@@ -190,7 +192,7 @@ class Timeline:
             step.shift = (p0 - self.frame_next) if self.window else 0
             step.sink_deltas = (p0 - n - self.sink_frame,)
             step.new_sink_delta = self.sink_frame + self.n_sink - p0
-        if self.exact_next and self.n_sink == S and self.window + q - 1 > W:
+        if self.exact_next and self.overflows(q):
             # query i sees its own copy of the sinks, rotated for its own in-cache position
             step.mode = "exact"
             step.sink_deltas = tuple(step.sink_deltas[0] + g for g in range(self.window + q - W))
@@ -246,9 +248,7 @@ class SinkCacheLayer(StaticLayer):
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         super().lazy_initialization(key_states, value_states)
-        S = self.timeline.sink_size
-        if self.sink_keys is None:  # normally a view of the cache-wide sink tensor
-            self.sink_keys = key_states.new_zeros((*key_states.shape[:2], S, key_states.shape[-1]))
+        S = self.timeline.sink_size  # sink_keys is a view of the cache-wide tensor, set by SinkCache
         self.sink_values = value_states.new_zeros((*value_states.shape[:2], S, value_states.shape[-1]))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, step: Step, *args, **kwargs):
@@ -391,24 +391,27 @@ class SinkCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the new keys/values of layer ``layer_idx`` and return those to attend to."""
         if layer_idx == 0:
+            if self._sink_keys is None:
+                self._allocate_sink_keys(key_states)
             self._step = self.timeline.plan(key_states.shape[-2], _first_position(kwargs, key_states.shape[0]))
-            self._rotate_all_sinks(self._step, key_states)
+            self._rotate_all_sinks(self._step)
         return self.layers[layer_idx].update(key_states, value_states, self._step)
 
-    def _rotate_all_sinks(self, step: Step, key_states: torch.Tensor) -> None:
+    def _allocate_sink_keys(self, key_states: torch.Tensor) -> None:
+        """One tensor for the sink keys of all layers (they all have the same shape), so that
+        the sinks of every layer can be rotated at once."""
+        shape = (self.num_layers, *key_states.shape[:2], self.sink_size, key_states.shape[-1])
+        self._sink_keys = key_states.new_zeros(shape)
+        self._sinks_rotated = torch.empty_like(self._sink_keys)
+        for i, layer in enumerate(self.layers):
+            layer.sink_keys = self._sink_keys[i]
+
+    def _rotate_all_sinks(self, step: Step) -> None:
         """Rotate the sinks of every layer at once (one set of small ops per step, not per layer)."""
         rotator = self.layers[0].rotator
-        if rotator is None or not self.sink_size:
-            return
-        if self._sink_keys is None:
-            shape = (self.num_layers, *key_states.shape[:2], self.sink_size, key_states.shape[-1])
-            self._sink_keys = key_states.new_zeros(shape)
-            self._sinks_rotated = torch.empty_like(self._sink_keys)
-            for i, layer in enumerate(self.layers):
-                layer.sink_keys = self._sink_keys[i]
-        if step.mode == "view" and step.write_sinks and step.sink_deltas != (0,):
-            s0 = step.n_sink
-            cos, sin = rotator.cos_sin(step.sink_deltas, key_states.device, key_states.dtype, repeats=s0)
+        if rotator is not None and step.mode == "view" and step.write_sinks and step.sink_deltas != (0,):
+            s0, keys = step.n_sink, self._sink_keys
+            cos, sin = rotator.cos_sin(step.sink_deltas, keys.device, keys.dtype, repeats=s0)
             step.rotated_sinks = rotator.rotate(self._sink_keys[..., :s0, :], cos, sin, out=self._sinks_rotated[..., :s0, :])
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
@@ -446,7 +449,7 @@ class SinkCache(Cache):
         tokens, at the positions it would have had if fed one by one.
         """
         t = self.timeline
-        if q <= 1 or t.n_sink < t.sink_size or t.window + q - 1 <= t.window_size:
+        if not t.overflows(q):
             return None
         if self.family.positions != "rope":
             raise UnsupportedModelError(
