@@ -34,6 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt text; '-' or omitted reads stdin")
     g.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
     g.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens (with --chat-template)")
     g.add_argument("--stats", action="store_true", help="print tokens/s, cache fill and resident memory to stderr every 256 tokens")
     _add_model_args(g)
     c = sub.add_parser("chat", help="multi-turn chat; memory stays bounded by the cache")
@@ -129,7 +130,7 @@ def cmd_generate(args) -> int:
     model, tokenizer, cache, sampling = _setup(args)
     ids = _encode(tokenizer, messages=[{"role": "user", "content": text}]) if args.chat_template else _encode(tokenizer, text=text)
     printer = _Printer(tokenizer, sys.stdout)
-    stops = _stop_ids(tokenizer) if args.chat_template else set()
+    stops = _stop_ids(tokenizer) if args.chat_template and not args.ignore_eos else set()
     start, count = time.perf_counter(), 0
     for token in generate_tokens(
         model, cache, ids, args.max_new_tokens, sampling, stops, chunk_size=args.chunk_size, exact_prefill=not args.fast_prefill
