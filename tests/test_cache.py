@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -199,3 +201,70 @@ def test_alibi_caches_report_cached_length(family):
     _decode_logits(model, cache, torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(11)))
     assert cache.layers[0].rotator is None
     assert cache.get_seq_length() == cache.cached_tokens == 20 and cache.seen_tokens == 50
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "falcon", "qwen3"])
+@pytest.mark.parametrize("sink_size, window_size", [(4, 16), (0, 9)])
+def test_chunks_after_ring_decoding_stay_exact(family, sink_size, window_size):
+    """Single-token steps of a full cache use the ring layout (window in any order); a chunk
+    arriving afterwards, at any ring offset, must see the window in order again."""
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 150), generator=torch.Generator().manual_seed(12))
+    pieces = [(0, 37, 1), (37, 50, 13), (50, 61, 1), (61, 68, 7), (68, 97, 1), (97, 126, 29), (126, 150, 1)]
+    # exact chunks == token by token
+    one, mixed = SinkCache(model, sink_size, window_size), SinkCache(model, sink_size, window_size)
+    a = prefill(model, one, ids, chunk_size=1, return_all_logits=True)
+    b = torch.cat([prefill(model, mixed, ids[:, i:j], chunk_size=c, return_all_logits=True) for i, j, c in pieces], dim=1)
+    assert (a - b).abs().max().item() <= TOL
+    # plain causal chunks == the reference fed the same way
+    fast, ref = SinkCache(model, sink_size, window_size), ReferenceSinkCache(model, sink_size, window_size)
+    with torch.no_grad():
+        for i, j, c in pieces:
+            for k in range(i, j, c):
+                x = ids[:, k : min(k + c, j)]
+                assert (model(x, cache=fast).logits - model(x, cache=ref).logits).abs().max().item() <= TOL
+
+
+def _prepared_decode(model, cache, ids, forward=None):
+    """Decode ids one by one; once the cache can prepare a step, do so and pass its position ids."""
+    forward = forward or model.forward
+    out = []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            pos = cache.prepare_decode_step()
+            kw = {} if pos is None else {"position_ids": pos}
+            out.append(forward(input_ids=ids[:, t : t + 1], cache=cache, **kw).logits)
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt_neox", "falcon", "bloom"])
+def test_prepared_decode_steps_equal_ordinary_steps(family):
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 300), generator=torch.Generator().manual_seed(13))
+    a = _decode_logits(model, SinkCache(model, 4, 20, rebase_every=30), ids)
+    prepared = SinkCache(model, 4, 20, rebase_every=30)
+    b = _prepared_decode(model, prepared, ids)
+    assert (a - b).abs().max().item() <= TOL
+    pos = prepared.prepare_decode_step()
+    if family == "bloom":  # ALiBi: key order matters, never prepared
+        assert pos is None
+    else:  # RoPE: full after 24 tokens, then every step was prepared
+        assert pos is not None and pos.shape == (1, 1) and pos.dtype == torch.long
+        with pytest.raises(ValueError, match="single-token"):
+            model(ids[:, :2], cache=prepared)
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_prepared_steps_equal_eager_without_recompiling():
+    torch._dynamo.reset()
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(14))
+    eager = _decode_logits(model, SinkCache(model, 4, 16, rebase_every=25), ids)
+    cache = SinkCache(model, 4, 16, rebase_every=25)
+    _prepared_decode(model, cache, ids[:, :30])  # fill eagerly (shapes change until full)
+    compiled = torch.compile(model.forward, dynamic=False)
+    frames_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    late = _prepared_decode(model, cache, ids[:, 30:], forward=compiled)
+    assert (late - eager[:, 30:]).abs().max().item() <= TOL
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before <= 2  # not one per token
+    torch._dynamo.reset()

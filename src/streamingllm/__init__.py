@@ -6,7 +6,7 @@ Sinks", ICLR 2024) as an exact transformers 5 cache.
 
 from .cache import SinkCache, SinkCacheLayer
 from .families import UnsupportedModelError, supported_families
-from .stream import Sampling, generate_tokens, prefill
+from .stream import Sampling, generate_tokens, iter_chunks, prefill
 
 __all__ = [
     "SinkCache",
@@ -16,5 +16,6 @@ __all__ = [
     "Sampling",
     "generate_tokens",
     "prefill",
+    "iter_chunks",
 ]
 __version__ = "0.1.0"

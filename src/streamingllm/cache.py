@@ -7,12 +7,15 @@ first ``sink_size`` tokens of the stream (the attention sinks) and of the last
 
 How it is exact and cheap (details in docs/design.md):
 
-* Storage is one preallocated buffer per layer, ``[sinks | window | room for new tokens |
-  slack]``. The attention reads a *view* ``buffer[off : off + n + q]`` that is always in
-  cache order, so no per-token copy of the cache is made. Evicting the oldest window token
-  just moves ``off`` by one; the sinks (``sink_size`` keys, kept in a small side store) are
-  written just in front of the window. Once ``off`` runs into the slack, the window is moved
-  back to the front: one copy of the window every ``slack`` tokens.
+* Storage is one preallocated buffer per layer. RoPE families: ``S + W + 1`` slots; once the
+  cache is full, single-token steps use a *ring*: sinks at ``buffer[0:S]``, the window in the
+  other slots in any order, the new token in the free slot, and the whole (contiguous, fixed
+  shape) buffer is attended to -- a lone query's attention does not depend on key order. The
+  evicted token's slot is the next free one; nothing is moved. Chunks of several tokens first
+  put the window back in order. ALiBi families (order matters): ``[sinks | window | room |
+  slack]``, the attention reads a *view* ``buffer[off : off + n + q]`` in cache order;
+  evicting moves ``off`` by one, the sinks (kept in a small side store) are written just in
+  front of the window, and the window is moved back to the front once every ``slack`` tokens.
 * RoPE: a query-key score depends only on the difference of their rotation angles. The
   window is contiguous in the stream, so the distance between the query and a window key
   never changes when positions are taken inside the cache; only the sinks' distance does.
@@ -121,6 +124,9 @@ class Step:
     new_sink_delta: int = 0  # rotation applied to new sink keys before storing them
     kept: int = 0  # window length after the step
     rotated_sinks: torch.Tensor | None = None  # all layers' sinks, rotated once for this step
+    unroll_head: int | None = None  # the window is stored as a ring from this slot: put it in order first
+    slot: int = 0  # "ring" mode: buffer slot the new token is written to
+    write_sink_values: bool = False  # "ring" mode: (re)write the sink values at the front
 
 
 @dataclass
@@ -135,6 +141,9 @@ class Timeline:
         follows_positions: True when the cache sees the caller's position ids and may
             suggest rebased positions through ``get_seq_length``.
         rebase_every: frame/in-cache drift (tokens) after which a rebase is suggested.
+        ring_capable: True when single-token steps of a full cache may use the ring layout
+            (RoPE: a lone query's attention does not depend on the order of the keys, whose
+            positions are in their rotation); needs ``capacity == sink_size + window_size + 1``.
     """
 
     sink_size: int
@@ -143,6 +152,7 @@ class Timeline:
     rotates: bool
     follows_positions: bool
     rebase_every: int
+    ring_capable: bool = False
     seen: int = 0  # tokens of the stream processed so far (exact Python int, never wraps)
     n_sink: int = 0
     window: int = 0
@@ -151,6 +161,8 @@ class Timeline:
     sink_frame: int = 0  # model-frame position the stored sink 0 is rotated at
     sinks_in_buffer: tuple[int, int] | None = (0, 0)  # (off, delta) of the sinks now at buffer[off:]
     exact_next: bool = False
+    ring: bool = False  # the window is stored as a ring in buffer[S : S + W + 1], oldest token at `head`
+    head: int = 0
 
     @property
     def length(self) -> int:
@@ -192,10 +204,16 @@ class Timeline:
             step.shift = (p0 - self.frame_next) if self.window else 0
             step.sink_deltas = (p0 - n - self.sink_frame,)
             step.new_sink_delta = self.sink_frame + self.n_sink - p0
+        ring_step = self.ring_capable and q == 1 and self.n_sink == S and self.window == W
+        if self.ring and not ring_step:  # leaving the ring: the layers first put the window in order at S
+            step.unroll_head, self.ring = self.head, False
+            self.off = step.prev_off = step.off = 0
         if self.exact_next and self.overflows(q):
             # query i sees its own copy of the sinks, rotated for its own in-cache position
             step.mode = "exact"
             step.sink_deltas = tuple(step.sink_deltas[0] + g for g in range(self.window + q - W))
+        elif ring_step:
+            return self._plan_ring(step, p0)
         elif self.off + n + q > self.capacity:
             if n + q <= self.capacity:
                 step.compact, step.off = True, 0
@@ -219,6 +237,26 @@ class Timeline:
         self.window = step.kept
         self.seen += q
         self.frame_next = p0 + q
+        return step
+
+    def _plan_ring(self, step: Step, p0: int) -> Step:
+        """One token into a full cache, ring layout: the sinks sit at ``buffer[0:S]`` and the
+        window in the ``W + 1`` slots after them, in any order; the new token takes the free
+        slot, the whole buffer is attended to (its order is irrelevant to a single query), and
+        the oldest window token's slot becomes the next free one. No per-token copy but the
+        new token (and the sinks' keys when their rotation changes)."""
+        S, W = self.sink_size, self.window_size
+        head = self.head if self.ring else self.off + S  # an ordered window starts at off + S (off <= 1)
+        step.mode, step.off = "ring", 0
+        step.slot = head - 1 if head > S else S + W
+        step.write_sinks = bool(S) and self.sinks_in_buffer != (0, step.sink_deltas[0])
+        step.write_sink_values = bool(S) and not self.ring
+        step.kept = W
+        self.exact_next = False
+        self.ring, self.head, self.off = True, S + (head - S + 1) % (W + 1), 0
+        self.sinks_in_buffer = (0, step.sink_deltas[0])
+        self.seen += 1
+        self.frame_next = p0 + 1
         return step
 
 
@@ -256,6 +294,16 @@ class SinkCacheLayer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         K, V, s0, q = self.keys, self.values, step.n_sink, step.q
+        W = self.timeline.window_size
+        if step.unroll_head is not None and step.unroll_head != s0:  # ring -> window in order at s0
+            h = step.unroll_head
+            for buf in (K, V):
+                buf[:, :, s0 : s0 + W].copy_(torch.cat((buf[:, :, h : s0 + W + 1], buf[:, :, s0 : h - 1]), dim=-2))
+        if step.mode == "ring":
+            self.prepare_ring(step)
+            K.narrow(2, step.slot, 1).copy_(key_states)
+            V.narrow(2, step.slot, 1).copy_(value_states)
+            return K, V
         lo, hi = step.prev_off + s0, step.prev_off + step.n  # the stored window in the buffer
         if step.shift and hi > lo:  # the caller moved the position frame: follow it once
             cos, sin = self.rotator.cos_sin((step.shift,), K.device, K.dtype)
@@ -286,6 +334,22 @@ class SinkCacheLayer(StaticLayer):
             K[:, :, s1 : s1 + step.kept].copy_(keys[:, :, -step.kept :])
             V[:, :, s1 : s1 + step.kept].copy_(values[:, :, -step.kept :])
         return keys, values
+
+    def prepare_ring(self, step: Step) -> None:
+        """Everything a "ring" step does before the new token is written: follow a moved position
+        frame (rotate the ring slots: the stored window and the free slot), write the sinks."""
+        K, V, s0 = self.keys, self.values, step.n_sink
+        if step.shift:
+            ring = K.narrow(2, s0, self.timeline.window_size + 1)
+            cos, sin = self.rotator.cos_sin((step.shift,), K.device, K.dtype)
+            self.rotator.rotate(ring, cos, sin, out=ring)
+        if step.write_sinks:
+            if step.rotated_sinks is not None:  # rotated once for all layers by the cache
+                K.narrow(2, 0, s0).copy_(step.rotated_sinks[self.index])
+            else:
+                self._rotated_sinks(step.sink_deltas, s0, out=K.narrow(2, 0, s0))
+        if step.write_sink_values:
+            V.narrow(2, 0, s0).copy_(self.sink_values)
 
     def _rotated_sinks(self, deltas: tuple[int, ...], n_sink: int, out: torch.Tensor | None = None) -> torch.Tensor:
         """The first ``n_sink`` stored sink keys rotated by each delta, one group after another.
@@ -340,8 +404,10 @@ class SinkCache(Cache):
         sink_size: number of initial tokens kept as attention sinks (tokens, >= 0). 0 gives
             plain window attention, the paper's baseline.
         window_size: number of most recent tokens kept (tokens, >= 1).
-        slack: extra buffer slots (tokens) so eviction moves a view instead of copying; the
-            window is copied back once every ``slack`` tokens. Default ``max(64, window_size // 4)``.
+        slack: ALiBi families only: extra buffer slots (tokens) so eviction moves a view instead
+            of copying; the window is copied back once every ``slack`` tokens. Default
+            ``max(64, window_size // 4)``. RoPE families decode in a ring of exactly
+            ``sink_size + window_size + 1`` slots and need none.
         rebase_every: how far (tokens) the positions given to the model may run ahead of the
             in-cache positions before ``get_seq_length`` suggests a rebase. Default
             ``max(window_size, 256)``; keeps the positions the model computes below about
@@ -375,7 +441,8 @@ class SinkCache(Cache):
         self.timeline = Timeline(
             sink_size=sink_size,
             window_size=window_size,
-            capacity=sink_size + window_size + 1 + slack,
+            capacity=sink_size + window_size + 1 + (0 if rotator is not None else slack),
+            ring_capable=rotator is not None,
             rotates=rotator is not None,
             follows_positions=family.positions_visible,
             rebase_every=rebase_every,
@@ -384,12 +451,25 @@ class SinkCache(Cache):
         self._step: Step | None = None
         self._sink_keys: torch.Tensor | None = None  # (layers, batch, kv_heads, sink_size, head_dim)
         self._sinks_rotated: torch.Tensor | None = None
+        self._prepared = False  # prepare_decode_step() did the bookkeeping of the next forward
+        self._slot: torch.Tensor | None = None  # (1,) int64: buffer slot of the prepared step's token
+        self._position: torch.Tensor | None = None  # (1, 1) int64: its position id (both made with the sinks)
         super().__init__(layers=[SinkCacheLayer(self.timeline, rotator, i) for i in range(self.num_layers)])
 
     # --- the transformers Cache API -------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the new keys/values of layer ``layer_idx`` and return those to attend to."""
+        if self._prepared:  # static step: no Python-side decision, shapes never change
+            if key_states.shape[-2] != 1:
+                raise ValueError("prepare_decode_step() prepared a single-token step; this forward has "
+                                 f"{key_states.shape[-2]} tokens")
+            layer = self.layers[layer_idx]
+            layer.keys.index_copy_(2, self._slot, key_states)
+            layer.values.index_copy_(2, self._slot, value_states)
+            if layer_idx == self.num_layers - 1:
+                self._prepared = False
+            return layer.keys, layer.values
         if layer_idx == 0:
             if self._sink_keys is None:
                 self._allocate_sink_keys(key_states)
@@ -403,16 +483,46 @@ class SinkCache(Cache):
         shape = (self.num_layers, *key_states.shape[:2], self.sink_size, key_states.shape[-1])
         self._sink_keys = key_states.new_zeros(shape)
         self._sinks_rotated = torch.empty_like(self._sink_keys)
+        self._slot = torch.zeros(1, dtype=torch.long, device=key_states.device)
+        self._position = torch.zeros((1, 1), dtype=torch.long, device=key_states.device)
         for i, layer in enumerate(self.layers):
             layer.sink_keys = self._sink_keys[i]
 
     def _rotate_all_sinks(self, step: Step) -> None:
         """Rotate the sinks of every layer at once (one set of small ops per step, not per layer)."""
         rotator = self.layers[0].rotator
-        if rotator is not None and step.mode == "view" and step.write_sinks and step.sink_deltas != (0,):
+        if rotator is not None and step.mode in ("view", "ring") and step.write_sinks and step.sink_deltas != (0,):
             s0, keys = step.n_sink, self._sink_keys
             cos, sin = rotator.cos_sin(step.sink_deltas, keys.device, keys.dtype, repeats=s0)
             step.rotated_sinks = rotator.rotate(self._sink_keys[..., :s0, :], cos, sin, out=self._sinks_rotated[..., :s0, :])
+
+    def prepare_decode_step(self) -> torch.Tensor | None:
+        """Do the bookkeeping of the next single-token forward now, before the model runs.
+
+        Once the cache is full, a RoPE model's single-token steps use the ring layout: this plans
+        the next one, follows a position rebase, rotates and writes the sinks, and returns the
+        position ids (a (1, 1) int64 tensor, reused) to pass to the model:
+        ``model(input_ids=tok, cache=c, position_ids=c.prepare_decode_step())``. Inside that
+        forward each layer's update is then two ``index_copy_`` of the new key/value into fixed
+        buffers, attended to whole: static shapes, no Python-side decisions and no recompilation
+        per token, so the forward can be compiled with ``torch.compile(model.forward)``.
+        The results are identical to an ordinary step.
+
+        Returns None (nothing done) when the next step cannot be prepared -- the cache is not full
+        yet, or the family is ALiBi: call the model without position ids then.
+        """
+        t = self.timeline
+        if not (t.ring_capable and self._sink_keys is not None and t.n_sink == t.sink_size and t.window == t.window_size):
+            return None
+        p = t.suggested_position()
+        step = t.plan(1, p)
+        self._rotate_all_sinks(step)
+        for layer in self.layers:
+            layer.prepare_ring(step)
+        self._slot.fill_(step.slot)
+        self._position.fill_(p)
+        self._prepared = True
+        return self._position
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         """In-cache index of the first new token (the attention mask is built in cache order)."""
@@ -422,7 +532,8 @@ class SinkCache(Cache):
         super().reset()
         t = self.timeline
         t.seen = t.n_sink = t.window = t.off = t.frame_next = t.sink_frame = 0
-        t.sinks_in_buffer, t.exact_next = (0, 0), False
+        t.sinks_in_buffer, t.exact_next, t.ring, t.head = (0, 0), False, False, 0
+        self._prepared = False
 
     # --- streaming helpers ------------------------------------------------------------
 

@@ -18,9 +18,9 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-import rdata
 
-__all__ = ["AUSTEN_NOVELS", "CorpusError", "austen_text", "default_cache_dir"]
+
+__all__ = ["AUSTEN_NOVELS", "CorpusError", "austen_text", "default_cache_dir", "hub_dataset_text", "read_texts"]
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,8 @@ def _read_lazyload(rdx: Path, rdb: Path) -> dict[str, str]:
     block is a 4-byte big-endian uncompressed size followed by a zlib stream of
     an R serialization (here a character vector, one element per line).
     """
+    import rdata  # only needed for the first fetch; keeps `import streamingllm.cli` light
+
     index = rdata.conversion.convert(rdata.parser.parse_data(rdx.read_bytes(), extension=".rds"))
     variables = index["variables"]
     blob = rdb.read_bytes()
@@ -184,3 +186,69 @@ def _atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------------------
+# Other text sources: files, stdin, Hugging Face datasets
+# --------------------------------------------------------------------------------------
+
+
+def read_texts(paths: Sequence[str | os.PathLike[str]], stdin=None) -> str:
+    """The files in ``paths`` read as UTF-8 and concatenated in order (like the paper's
+    concatenated books), separated by a blank line; ``"-"`` reads ``stdin``."""
+    parts = []
+    for path in paths:
+        if str(path) == "-":
+            import sys
+
+            parts.append((stdin or sys.stdin).read())
+            continue
+        try:
+            parts.append(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError) as err:
+            reason = getattr(err, "strerror", None) or str(err)
+            raise CorpusError(f"cannot read text file {path}: {reason}") from err
+    return "\n\n".join(parts)
+
+
+def hub_dataset_text(name: str, split: str = "test", field: str = "text", max_chars: int | None = None) -> str:
+    """Texts of a Hugging Face dataset (e.g. ``"emozilla/pg19"``) joined by blank lines.
+
+    Streams the split row by row and stops once ``max_chars`` characters are collected, so a
+    long book corpus is not downloaded whole. Needs the optional ``datasets`` package and a
+    reachable hub (or its local cache).
+
+    Args:
+        name: dataset id on the hub.
+        split: the split to read (e.g. ``"test"``).
+        field: the column holding the text.
+        max_chars: stop after this many characters (None = the whole split).
+    """
+    try:
+        import datasets
+    except ImportError as err:
+        raise CorpusError(
+            f"--dataset {name}: reading Hugging Face datasets needs the optional package `datasets` "
+            "(pip install datasets); alternatively pass text files or --corpus austen"
+        ) from err
+    parts, total = [], 0
+    try:
+        rows = datasets.load_dataset(name, split=split, streaming=True)
+        for row in rows:
+            if field not in row:
+                raise CorpusError(f"dataset {name!r} has no text column {field!r}; columns: {sorted(row)}")
+            parts.append(row[field])
+            total += len(row[field])
+            if max_chars is not None and total >= max_chars:
+                break
+    except CorpusError:
+        raise
+    except Exception as err:  # offline hub, unknown dataset or split, network errors: all surface here
+        first = str(err).strip().split("\n")[0] or type(err).__name__
+        raise CorpusError(
+            f"could not read dataset {name!r} (split {split!r}) from the Hugging Face hub: {first}. "
+            "Is the hub reachable (HF_HUB_OFFLINE unset) and the name right? Offline, use text files or --corpus austen"
+        ) from err
+    if not parts:
+        raise CorpusError(f"dataset {name!r} split {split!r} holds no rows")
+    return "\n\n".join(parts)

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -60,6 +61,13 @@ class Sampling:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` for ``model(...)``: transformers >= 5.2x names the argument ``cache``;
+    earlier 5.x releases call it ``past_key_values`` and silently ignore ``cache=``."""
+    forward = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in forward else "past_key_values": cache}
+
+
 def _as_batch(input_ids) -> torch.Tensor:
     ids = torch.as_tensor(input_ids, dtype=torch.long)
     if ids.dim() == 1:
@@ -69,6 +77,45 @@ def _as_batch(input_ids) -> torch.Tensor:
     if ids.shape[1] == 0:
         raise ValueError("input_ids is empty: give at least one token")
     return ids
+
+
+def iter_chunks(
+    model,
+    cache: SinkCache,
+    input_ids,
+    chunk_size: int = 256,
+    exact: bool = True,
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """Run ``input_ids`` (B, T) through ``model`` in chunks, streaming them into ``cache``.
+
+    Yields ``(start, logits)`` per chunk: ``logits`` (B, q, vocab) are the outputs for tokens
+    ``start .. start + q - 1`` of ``input_ids``; the logits at token ``i`` predict token ``i + 1``.
+    Memory stays bounded by the cache plus one chunk, however long the input.
+
+    Args:
+        model: a causal LM whose family ``cache`` was built for.
+        cache: the :class:`SinkCache` to fill (it may already hold a stream).
+        input_ids: token ids, shape (T,) or (B, T); equal-length streams, no padding.
+        chunk_size: tokens per forward pass (>= 1). Peak memory grows with it.
+        exact: banded attention inside each chunk, identical to token-by-token feeding.
+            ALiBi models have no exact chunked form here and are fed one token at a time.
+    """
+    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    ids = _as_batch(input_ids).to(model.device)
+    if exact and cache.family.positions != "rope":
+        chunk_size = 1
+    done, total = 0, ids.shape[1]
+    pass_cache = cache_kwargs(model, cache)
+    while done < total:
+        room = cache.max_cached_tokens + 1 - cache.seen_tokens  # chunks that evict nothing are exact already
+        size = min(chunk_size, total - done)
+        if exact and room > 0:
+            size = min(size, room)
+        mask = cache.exact_chunk_mask(size, dtype=model.dtype, device=model.device) if exact else None
+        with torch.no_grad():  # not around the yield: grad mode must not leak to the caller
+            logits = model(input_ids=ids[:, done : done + size], attention_mask=mask, use_cache=True, **pass_cache).logits
+        yield done, logits
+        done += size
 
 
 @torch.no_grad()
@@ -84,35 +131,18 @@ def prefill(
     """Run ``input_ids`` (B, T) through ``model`` in chunks, streaming them into ``cache``.
 
     Args:
-        model: a causal LM whose family ``cache`` was built for.
-        cache: the :class:`SinkCache` to fill (it may already hold a stream).
-        input_ids: token ids, shape (T,) or (B, T); equal-length streams, no padding.
-        chunk_size: tokens per forward pass (>= 1). Peak memory grows with it.
-        exact: banded attention inside each chunk, identical to token-by-token feeding.
-            ALiBi models have no exact chunked form here and are fed one token at a time.
+        model, cache, input_ids, chunk_size, exact: as for :func:`iter_chunks`.
         return_all_logits: return logits for every token (B, T, vocab) instead of the last (B, vocab).
         progress: optional callable ``progress(n_tokens_done)`` called after each chunk.
 
     Returns:
         The logits of the last token (B, vocab), or of all tokens with ``return_all_logits``.
     """
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
-    ids = _as_batch(input_ids).to(model.device)
-    if exact and cache.family.positions != "rope":
-        chunk_size = 1
-    outputs, done, total = [], 0, ids.shape[1]
-    while done < total:
-        room = cache.max_cached_tokens + 1 - cache.seen_tokens  # chunks that evict nothing are exact already
-        size = min(chunk_size, total - done)
-        if exact and room > 0:
-            size = min(size, room)
-        piece = ids[:, done : done + size]
-        mask = cache.exact_chunk_mask(size, dtype=model.dtype, device=model.device) if exact else None
-        logits = model(input_ids=piece, cache=cache, attention_mask=mask, use_cache=True).logits
+    outputs = []
+    for start, logits in iter_chunks(model, cache, input_ids, chunk_size=chunk_size, exact=exact):
         outputs.append(logits if return_all_logits else logits[:, -1])
-        done += size
         if progress is not None:
-            progress(done)
+            progress(start + logits.shape[1])
     return torch.cat(outputs, dim=1) if return_all_logits else outputs[-1]
 
 
@@ -143,6 +173,7 @@ def generate_tokens(
     step_ids = torch.empty((ids.shape[0], 1), dtype=torch.long, device=model.device)  # reused every step
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
     stops = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=model.device)
+    pass_cache = cache_kwargs(model, cache)
     for i in range(max_new_tokens):
         token = sampling.pick(logits, generator)
         yield token
@@ -153,4 +184,4 @@ def generate_tokens(
         if i + 1 == max_new_tokens:
             return
         step_ids[:, 0] = token
-        logits = model(input_ids=step_ids, cache=cache, use_cache=True).logits[:, -1]
+        logits = model(input_ids=step_ids, use_cache=True, **pass_cache).logits[:, -1]

@@ -1,0 +1,236 @@
+"""Streaming perplexity: chunked equals token-by-token, every method equals a slow reference,
+reports are well-formed, bad input gives clear errors."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streamingllm.cli import main
+from streamingllm.perplexity import (
+    Scores,
+    Setting,
+    evaluate,
+    format_summary,
+    make_settings,
+    plot_curves,
+    plot_sweep,
+    read_nll_csv,
+    score_cached,
+    score_dense,
+    score_recompute,
+    summarize,
+    write_nll_csv,
+)
+from tiny import VOCAB, tiny_model
+
+TOL = 1e-4  # nats per token, float32
+
+
+def text_ids(n: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def full_forward_nll(model, ids: torch.Tensor) -> np.ndarray:
+    """NLL of ids[1:] from one plain forward over the whole text (no cache): dense attention."""
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1]
+    return F.cross_entropy(logits.double(), ids[1:], reduction="none").numpy()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma", "gpt_neox", "falcon", "bloom"])
+@pytest.mark.parametrize("sink_size, window_size", [(0, 24), (4, 20)])
+def test_chunked_equals_token_by_token(family, sink_size, window_size):
+    model = tiny_model(family)
+    ids = text_ids(130)
+    setting = Setting("streaming", sink_size, window_size)
+    chunked = score_cached(model, ids, setting, chunk_size=48)
+    single = score_cached(model, ids, setting, chunk_size=1)
+    assert np.array_equal(chunked.tokens, np.arange(1, 130)) and np.array_equal(single.tokens, chunked.tokens)
+    assert np.abs(chunked.nll - single.nll).max() <= TOL
+
+
+def test_chunked_with_sink_text_equals_token_by_token():
+    model = tiny_model("llama")
+    ids = text_ids(120)
+    setting = Setting("streaming", 4, 20, sink_ids=(5, 5, 5, 5), sink_name='"5"')
+    chunked, single = (score_cached(model, ids, setting, chunk_size=c) for c in (64, 1))
+    assert len(chunked.nll) == 119 and np.abs(chunked.nll - single.nll).max() <= TOL
+    plain = score_cached(model, ids, Setting("streaming", 4, 20), chunk_size=64)
+    assert np.abs(plain.nll - chunked.nll).max() > 1e-3  # the sinks really were replaced
+
+
+def test_streaming_equals_brute_force_on_one_layer_model():
+    """With one layer a token's KV depends only on the token and its position, so StreamingLLM must
+    equal running the model afresh on [sinks | last W tokens | current token] for every token."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    ids, S, W = text_ids(90, seed=1), 4, 16
+    got = score_cached(model, ids, Setting("streaming", S, W), chunk_size=32)
+    want = []
+    with torch.no_grad():
+        for t in range(1, len(ids)):
+            q = t - 1  # the token whose output predicts token t
+            ctx = ids[: q + 1] if q <= S + W else torch.cat((ids[:S], ids[q - W : q + 1]))
+            want.append(F.cross_entropy(model(input_ids=ctx[None]).logits[0, -1:].double(), ids[t : t + 1]).item())
+    assert np.abs(got.nll - np.array(want)).max() <= TOL
+
+
+def test_dense_chunked_equals_token_by_token_and_full_forward():
+    model = tiny_model("qwen2")
+    ids = text_ids(100)
+    chunked, single = score_dense(model, ids, chunk_size=32), score_dense(model, ids, chunk_size=1)
+    assert np.abs(chunked.nll - single.nll).max() <= TOL
+    assert np.abs(chunked.nll - full_forward_nll(model, ids)).max() <= TOL
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_recompute_equals_each_window_by_hand(every):
+    model = tiny_model("llama")
+    ids, L = text_ids(60), 12
+    got = score_recompute(model, ids, context=L, every=every)
+    assert np.array_equal(got.tokens, np.arange(every, 60, every)) and got.every == every
+    want = []
+    with torch.no_grad():
+        for t in got.tokens:
+            window = ids[max(0, t - 1 - L) : t]  # L tokens before t - 1, and t - 1 itself
+            want.append(F.cross_entropy(model(input_ids=window[None]).logits[0, -1:].double(), ids[t : t + 1]).item())
+    assert np.abs(got.nll - np.array(want)).max() <= TOL
+
+
+def test_sink_size_zero_equals_window():
+    model = tiny_model("llama")
+    ids = text_ids(100)
+    settings = make_settings(["window", "streaming"], sink_sizes=[0], cache_sizes=[20])
+    window, streaming = evaluate(model, ids, settings, chunk_size=32)
+    assert window.setting.label == "window 0+20" and streaming.setting.label == "streaming 0+20"
+    assert np.array_equal(window.nll, streaming.nll)
+
+
+def test_methods_agree_before_the_cache_fills_and_differ_after():
+    model = tiny_model("llama")
+    ids, L = text_ids(80), 30
+    results = evaluate(model, ids, make_settings(cache_sizes=[L]), chunk_size=16)
+    by = {r.setting.method: r for r in results}
+    early = slice(0, L)  # tokens 1..L: every method sees the whole prefix
+    for m in ("window", "recompute", "streaming"):
+        assert np.abs(by[m].nll[early] - by["dense"].nll[early]).max() <= TOL
+    assert np.abs(by["window"].nll[L + 5 :] - by["dense"].nll[L + 5 :]).max() > 1e-3
+
+
+def test_make_settings_expands_cache_sizes_and_windows():
+    s = make_settings(["dense", "window", "recompute", "streaming"], sink_sizes=[0, 4], cache_sizes=[64, 128])
+    assert [x.label for x in s] == [
+        "dense", "window 0+64", "window 0+128", "recompute 64", "recompute 128",
+        "streaming 0+64", "streaming 4+60", "streaming 0+128", "streaming 4+124",
+    ]
+    s = make_settings(["streaming"], sink_sizes=[4], window_sizes=[10, 20], sink_ids=[7], sink_name='"\\n"')
+    assert [x.label for x in s] == ['streaming 4"\\n"+10', 'streaming 4"\\n"+20'] and s[0].sink_ids == (7, 7, 7, 7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(methods=["dense", "sliding"]), "unknown method 'sliding'"),
+        (dict(methods=[]), "methods is empty"),
+        (dict(window_sizes=[0]), "window_size must be an integer >= 1"),
+        (dict(sink_sizes=[-1]), "sink_size must be an integer >= 0"),
+        (dict(sink_sizes=[8], cache_sizes=[8]), "cache_size 8 leaves no room"),
+        (dict(window_sizes=[8], cache_sizes=[8]), "either window_size or cache_size"),
+    ],
+)
+def test_bad_settings(kwargs, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        make_settings(**kwargs)
+
+
+def test_alibi_table_too_small_is_refused_before_any_work():
+    model = tiny_model("mpt")  # max_seq_len 4096 in tiny.py
+    model.config.max_seq_len = 32
+    with pytest.raises(ValueError, match="ALiBi"):
+        evaluate(model, text_ids(50), make_settings(["dense", "streaming"], cache_sizes=[40]))
+
+
+def test_short_text_and_dense_limit_are_refused():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="need at least 2"):
+        evaluate(model, text_ids(1), make_settings(["streaming"], cache_sizes=[8]))
+    with pytest.raises(ValueError, match="max_dense_tokens"):
+        evaluate(model, text_ids(50), make_settings(["dense"]), max_dense_tokens=40)
+
+
+def test_reports_are_well_formed(tmp_path):
+    model = tiny_model("llama")
+    ids = text_ids(120)
+    settings = make_settings(sink_sizes=[0, 4], cache_sizes=[16, 32])
+    results = evaluate(model, ids, settings, chunk_size=32, recompute_every=5)
+    write_nll_csv(results, tmp_path / "nll.csv")
+    with open(tmp_path / "nll.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert set(rows[0]) == {"label", "method", "sink_size", "window_size", "token", "nll"}
+    expected = sum(len(r.nll) for r in results)
+    assert len(rows) == expected and all(float(r["nll"]) >= 0 for r in rows)
+    back = read_nll_csv(tmp_path / "nll.csv")
+    assert [b.setting.label for b in back] == [r.setting.label for r in results]
+    for b, r in zip(back, results):
+        assert np.array_equal(b.tokens, r.tokens) and b.every == r.every
+        assert np.abs(b.nll - r.nll).max() < 1e-5
+    summary = summarize(results, len(ids), segment_tokens=40)
+    assert [seg for seg in summary.segments] == [(0, 40), (40, 80), (80, 120)]
+    dense = summary.rows[0]
+    assert dense["label"] == "dense" and dense["ppl"] == pytest.approx(np.exp(results[0].nll.mean()))
+    assert dense["0-40"] == pytest.approx(np.exp(results[0].nll[:39].mean()))  # tokens 1..39
+    rec = next(r for r in results if r.setting.method == "recompute")
+    assert dense["@recompute"] == pytest.approx(np.exp(results[0].nll[rec.tokens - 1].mean()))
+    table = format_summary(summary)
+    assert "streaming 4+28" in table and "every 5th token" in table
+    for name, plot in (("curves.png", plot_curves), ("sweep.png", plot_sweep)):
+        plot(results, tmp_path / name)
+        data = (tmp_path / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_no_sweep_plot_without_a_sweep(tmp_path):
+    r = Scores(Setting("streaming", 4, 16), np.arange(1, 5), np.ones(4))
+    assert plot_sweep([r], tmp_path / "sweep.png") is False and not (tmp_path / "sweep.png").exists()
+
+
+# --- the command line: errors before any model is loaded -----------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["perplexity", "--corpus", "austen", "--methods", "dense", "sliding"], "unknown method 'sliding'"),
+        (["perplexity", "--corpus", "austen", "--window-size", "0"], "--window-size values must be integers >= 1"),
+        (["perplexity", "--corpus", "austen", "--sink-size", "-2"], "--sink-size values must be integers >= 0"),
+        (["perplexity", "--corpus", "austen", "--recompute-every", "0"], "--recompute-every must be 'auto' or an integer >= 1"),
+        (["perplexity", "--corpus", "austen", "--num-tokens", "1"], "--num-tokens must be an integer >= 2"),
+        (["perplexity", "/nonexistent/book.txt"], "cannot read text file /nonexistent/book.txt"),
+        (["perplexity"], "give exactly one text source"),
+        (["perplexity", "--corpus", "austen", "--sink-text", ""], "--sink-text is empty"),
+    ],
+)
+def test_cli_bad_input(argv, message, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_cli_empty_text(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert main(["perplexity", str(empty)]) == 2
+    assert "the text is empty" in capsys.readouterr().err
+
+
+def test_cli_offline_hub_dataset(monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    assert main(["perplexity", "--dataset", "no-such-org/no-such-dataset", "--num-tokens", "100"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "no-such-org/no-such-dataset" in err and ("needs the optional package `datasets`" in err or "hub" in err)
