@@ -35,6 +35,7 @@ import torch
 
 from .cache import SinkCache
 from .models import DEFAULT_MODEL
+from .stream import cache_argument, prefill
 
 METHODS = ("streaming", "streaming-compiled", "dense", "recompute")
 STREAM_METHODS = ("streaming", "dense")
@@ -395,7 +396,7 @@ class _Forward:
         self.model = model
         self.compiled = torch.compile(model.forward, dynamic=False) if compile else None
         params = inspect.signature(model.forward).parameters
-        self.cache_kw = "cache" if "cache" in params else "past_key_values"
+        self.cache_kw = cache_argument(model)
         self.keep_last = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
         self.last_logits_only = False  # plain(): the logits of the last token only (else of all, as a plain forward)
         self.device = model.device
@@ -428,24 +429,13 @@ class _Forward:
     def feed(self, cache, ids: torch.Tensor, chunk_size: int = FILL_CHUNK, exact: bool = True) -> torch.Tensor:
         """Stream ``ids`` into ``cache`` in chunks; returns the last logits (B, vocab).
 
-        For a :class:`SinkCache` with ``exact`` this is :func:`streamingllm.stream.prefill`
-        (banded masks from ``cache.exact_chunk_mask``; ALiBi families token by token), written
-        here so that the cache keyword suits the installed transformers.
+        A :class:`SinkCache` is fed by :func:`streamingllm.stream.prefill` (exact banded masks
+        with ``exact``); a dense cache by plain chunks of the causal mask.
         """
-        sink = isinstance(cache, SinkCache)
-        if sink and exact and cache.family.positions != "rope":
-            chunk_size = 1
-        done, total, logits = 0, ids.shape[1], None
-        while done < total:
-            size = min(chunk_size, total - done)
-            mask = None
-            if sink and exact:
-                room = cache.max_cached_tokens + 1 - cache.seen_tokens
-                if room > 0:
-                    size = min(size, room)
-                mask = cache.exact_chunk_mask(size, dtype=self.model.dtype, device=self.device)
-            logits = self(ids[:, done : done + size], cache, mask)[:, -1]
-            done += size
+        if isinstance(cache, SinkCache):
+            return prefill(self.model, cache, ids, chunk_size=chunk_size, exact=exact)
+        for done in range(0, ids.shape[1], chunk_size):
+            logits = self(ids[:, done : done + chunk_size], cache)[:, -1]
         return logits
 
 

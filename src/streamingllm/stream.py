@@ -61,11 +61,15 @@ class Sampling:
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
 
 
-def cache_kwargs(model, cache) -> dict:
-    """``{name: cache}`` for ``model(...)``: transformers >= 5.2x names the argument ``cache``;
+def cache_argument(model) -> str:
+    """Name of ``model.forward``'s cache argument: transformers >= 5.2x calls it ``cache``;
     earlier 5.x releases call it ``past_key_values`` and silently ignore ``cache=``."""
-    forward = inspect.signature(model.forward).parameters
-    return {"cache" if "cache" in forward else "past_key_values": cache}
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def cache_kwargs(model, cache) -> dict:
+    """``{name: cache}`` to pass to ``model(...)`` (see :func:`cache_argument`)."""
+    return {cache_argument(model): cache}
 
 
 def _as_batch(input_ids) -> torch.Tensor:
