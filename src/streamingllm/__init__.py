@@ -1,21 +1,30 @@
 """streamingllm: endless text streams with constant memory for Hugging Face causal LMs.
 
 Implements StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention
-Sinks", ICLR 2024) as an exact transformers 5 cache.
+Sinks", ICLR 2024) as an exact transformers 5 cache. This package's top level is the core and
+needs torch and transformers only; evaluations (:mod:`streamingllm.evals`), benchmarks
+(:mod:`streamingllm.bench`) and the command line (:mod:`streamingllm.cli`) sit on top.
 """
 
-from .cache import SinkCache, SinkCacheLayer
+from importlib import metadata as _metadata
+
+from .cache import SinkCache
 from .families import UnsupportedModelError, supported_families
-from .stream import Sampling, generate_tokens, iter_chunks, prefill
+from .feed import Sampling, generate_tokens, iter_chunks, prefill
+from .models import load
 
 __all__ = [
     "SinkCache",
-    "SinkCacheLayer",
     "UnsupportedModelError",
     "supported_families",
     "Sampling",
     "generate_tokens",
     "prefill",
     "iter_chunks",
+    "load",
 ]
-__version__ = "0.1.0"
+
+try:
+    __version__ = _metadata.version("streamingllm")
+except _metadata.PackageNotFoundError:  # run from a source tree without installing
+    __version__ = "0+unknown"

