@@ -21,9 +21,9 @@ import time
 import numpy as np
 import torch
 
-from streamingllm.corpus import austen_text
+from streamingllm.evals.corpus import austen_text
+from streamingllm.evals.perplexity import Setting, score_cached
 from streamingllm.models import DEFAULT_MODEL, load
-from streamingllm.perplexity import Setting, score_cached
 
 
 def main(argv: list[str] | None = None) -> None:

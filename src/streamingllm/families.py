@@ -31,12 +31,15 @@ class Family:
         positions_visible: True when the model forwards ``position_ids`` into
             ``Cache.update`` kwargs, so the cache can see which positions the caller used.
         sliding_window_attr: config attribute holding a built-in sliding window, or None.
+        alibi_table_attr: config attribute holding the length of a precomputed ALiBi bias
+            table (keys beyond it have no bias), or None.
     """
 
     name: str
     positions: PositionKind
     positions_visible: bool
     sliding_window_attr: str | None = None
+    alibi_table_attr: str | None = None
 
 
 _ROPE_VISIBLE = dict(positions="rope", positions_visible=True)
@@ -51,7 +54,7 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": Family("GPT-NeoX/Pythia", positions="rope", positions_visible=False),
     "falcon": Family("Falcon (RoPE)", positions="rope", positions_visible=False),
     "falcon-alibi": Family("Falcon (ALiBi)", positions="alibi", positions_visible=False),
-    "mpt": Family("MPT", positions="alibi", positions_visible=False),
+    "mpt": Family("MPT", positions="alibi", positions_visible=False, alibi_table_attr="max_seq_len"),
     "bloom": Family("BLOOM", positions="alibi", positions_visible=False),
 }
 
@@ -127,8 +130,8 @@ def rope_inv_freq(model_or_config) -> torch.Tensor:
     return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
 
 
-def alibi_limit(config) -> int | None:
+def alibi_limit(config, family: Family) -> int | None:
     """Longest key length an ALiBi model's bias table covers (MPT precomputes one), or None."""
-    if getattr(config, "model_type", None) == "mpt":
-        return int(config.max_seq_len)
-    return None
+    if family.alibi_table_attr is None:
+        return None
+    return int(getattr(config, family.alibi_table_attr))

@@ -117,7 +117,10 @@ class PeakMemory:
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:
-    """Every tensor held by a transformers cache: the cache's own and its layers' attributes."""
+    """Every tensor held by a transformers cache: its ``tensors()`` where it lists them, else the
+    tensor attributes of the cache and of its layers."""
+    if callable(getattr(cache, "tensors", None)):
+        return list(cache.tensors())
     out = []
     for obj in [cache, *getattr(cache, "layers", [])]:
         out += [v for v in vars(obj).values() if torch.is_tensor(v)]

@@ -9,7 +9,13 @@ from ..models import DEFAULT_MODEL, DTYPES
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Help that shows every option's default and keeps descriptions' line breaks."""
+    """Help that shows every option's default (but not an absent one: None or off) and keeps
+    descriptions' line breaks."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def add_parser(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
@@ -35,3 +41,26 @@ def load_model(args):
 
     return load(args.model, dtype=args.dtype, device=args.device,
                 random_weights=getattr(args, "random_weights", False), seed=getattr(args, "seed", 0) or 0)
+
+
+def add_cache_options(p: argparse.ArgumentParser) -> None:
+    """``--sink-size`` and ``--window-size`` of one streaming cache."""
+    p.add_argument("--sink-size", type=int, default=4, help="attention-sink tokens kept (0 = plain window attention)")
+    p.add_argument("--window-size", type=int, default=1020, help="most recent tokens kept")
+
+
+def add_generation_options(p: argparse.ArgumentParser) -> None:
+    """Sampling, length and prompt-feeding options of ``generate`` and ``chat``."""
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (per reply in chat)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--chunk-size", type=int, default=256, help="prompt tokens per forward pass")
+
+
+def sampling_from_args(args):
+    """The :class:`~streamingllm.feed.Sampling` the flags ask for (checked before any loading)."""
+    from ..feed import Sampling
+
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

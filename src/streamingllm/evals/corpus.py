@@ -1,10 +1,14 @@
-"""Jane Austen's six novels as one long plain text, offline after the first fetch.
+"""Long texts to evaluate on: Jane Austen's novels, text files or stdin, Hugging Face datasets.
 
-The text comes from the Debian package ``r-cran-janeaustenr`` (the R package
-*janeaustenr*, MIT licence).  The first call downloads the ``.deb`` with
-``apt-get download``, unpacks it with ``dpkg-deb -x`` and reads the R lazy-load
-database ``janeaustenr/data/Rdata.{rdx,rdb}`` with the ``rdata`` package.  Each
-novel is then cached as one UTF-8 text file, so later calls need no network.
+* :func:`austen_text` -- Jane Austen's six novels as one long plain text, offline after the first
+  fetch. The text comes from the Debian package ``r-cran-janeaustenr`` (the R package
+  *janeaustenr*, MIT licence). The first call downloads the ``.deb`` with ``apt-get download``,
+  unpacks it with ``dpkg-deb -x`` and reads the R lazy-load database
+  ``janeaustenr/data/Rdata.{rdx,rdb}`` with the optional ``rdata`` package (the ``evals`` extra).
+  Each novel is then cached as one UTF-8 text file, so later calls need no network.
+* :func:`read_texts`, :func:`hub_dataset_text` -- files (``"-"`` = stdin) and hub datasets.
+* :class:`TextSource` -- exactly one of those sources, checked before anything is read, with a
+  short name for titles; :func:`tokenize_window` -- the token ids of a window of a text.
 """
 
 from __future__ import annotations
@@ -13,14 +17,21 @@ import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
+import warnings
 import zlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..checks import ArgumentError, check_choice, check_int, check_optional_int
+from ..extras import require
 
-
-__all__ = ["AUSTEN_NOVELS", "CorpusError", "austen_text", "default_cache_dir", "hub_dataset_text", "read_texts"]
+__all__ = [
+    "AUSTEN_NOVELS", "CORPORA", "CorpusError", "TextSource", "austen_text", "check_window", "default_cache_dir",
+    "hub_dataset_text", "read_texts", "tokenize_window",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +50,12 @@ AUSTEN_NOVELS: tuple[str, ...] = (
 )
 
 
-class CorpusError(RuntimeError):
-    """The corpus could not be produced (bad argument, download or parse failure)."""
+#: Built-in corpora, by the name :class:`TextSource` takes.
+CORPORA: tuple[str, ...] = ("austen",)
+
+
+class CorpusError(ValueError):
+    """A text could not be produced (bad argument, unreadable file, download or parse failure)."""
 
 
 def default_cache_dir() -> Path:
@@ -94,6 +109,7 @@ def austen_text(
 
 def _populate_cache(folder: Path, deb_path: str | os.PathLike[str] | None) -> None:
     """Extract all six novels from the .deb (downloaded if ``deb_path`` is None) into ``folder``."""
+    _require_rdata()  # before any download
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="austen-") as tmp:
         tmp_dir = Path(tmp)
@@ -152,6 +168,10 @@ def _extract_novels(deb: Path, root: Path) -> dict[str, str]:
         raise CorpusError(f"could not parse the R data in {rdx.parent}: {exc!r}") from exc
 
 
+def _require_rdata():
+    return require("rdata", "Austen corpus downloads")  # only the first fetch needs it
+
+
 def _read_lazyload(rdx: Path, rdb: Path) -> dict[str, str]:
     """Read the novels from an R lazy-load database.
 
@@ -160,7 +180,7 @@ def _read_lazyload(rdx: Path, rdb: Path) -> dict[str, str]:
     block is a 4-byte big-endian uncompressed size followed by a zlib stream of
     an R serialization (here a character vector, one element per line).
     """
-    import rdata  # only needed for the first fetch; keeps `import streamingllm.cli` light
+    rdata = _require_rdata()
 
     index = rdata.conversion.convert(rdata.parser.parse_data(rdx.read_bytes(), extension=".rds"))
     variables = index["variables"]
@@ -195,12 +215,10 @@ def _atomic_write(path: Path, text: str) -> None:
 
 def read_texts(paths: Sequence[str | os.PathLike[str]], stdin=None) -> str:
     """The files in ``paths`` read as UTF-8 and concatenated in order (like the paper's
-    concatenated books), separated by a blank line; ``"-"`` reads ``stdin``."""
+    concatenated books), separated by a blank line; ``"-"`` reads ``stdin`` (default ``sys.stdin``)."""
     parts = []
     for path in paths:
         if str(path) == "-":
-            import sys
-
             parts.append((stdin or sys.stdin).read())
             continue
         try:
@@ -215,8 +233,8 @@ def hub_dataset_text(name: str, split: str = "test", field: str = "text", max_ch
     """Texts of a Hugging Face dataset (e.g. ``"emozilla/pg19"``) joined by blank lines.
 
     Streams the split row by row and stops once ``max_chars`` characters are collected, so a
-    long book corpus is not downloaded whole. Needs the optional ``datasets`` package and a
-    reachable hub (or its local cache).
+    long book corpus is not downloaded whole. Needs the optional ``datasets`` package (the ``hub``
+    extra) and a reachable hub (or its local cache).
 
     Args:
         name: dataset id on the hub.
@@ -224,13 +242,7 @@ def hub_dataset_text(name: str, split: str = "test", field: str = "text", max_ch
         field: the column holding the text.
         max_chars: stop after this many characters (None = the whole split).
     """
-    try:
-        import datasets
-    except ImportError as err:
-        raise CorpusError(
-            f"--dataset {name}: reading Hugging Face datasets needs the optional package `datasets` "
-            "(pip install datasets); alternatively pass text files or --corpus austen"
-        ) from err
+    datasets = require("datasets", f"Hugging Face datasets such as {name!r}")
     parts, total = [], 0
     try:
         rows = datasets.load_dataset(name, split=split, streaming=True)
@@ -247,8 +259,105 @@ def hub_dataset_text(name: str, split: str = "test", field: str = "text", max_ch
         first = str(err).strip().split("\n")[0] or type(err).__name__
         raise CorpusError(
             f"could not read dataset {name!r} (split {split!r}) from the Hugging Face hub: {first}. "
-            "Is the hub reachable (HF_HUB_OFFLINE unset) and the name right? Offline, use text files or --corpus austen"
+            "Is the hub reachable (HF_HUB_OFFLINE unset) and the name right? Offline, use text files or the austen corpus"
         ) from err
     if not parts:
         raise CorpusError(f"dataset {name!r} split {split!r} holds no rows")
     return "\n\n".join(parts)
+
+
+#: Characters read per wanted token, surely enough for any tokenizer on prose (grown if not).
+CHARS_PER_TOKEN = 12
+
+
+@dataclass(frozen=True)
+class TextSource:
+    """Exactly one text to evaluate on: files (``"-"`` = stdin), a built-in corpus, or a hub dataset.
+
+    Checked when built, so a bad choice fails before a model is loaded; :meth:`read` fetches it.
+
+    Attributes:
+        files: text files, concatenated in order.
+        corpus: a name from :data:`CORPORA`.
+        dataset: a Hugging Face dataset id, with its ``dataset_split`` and ``dataset_field``.
+    """
+
+    files: tuple[str, ...] = ()
+    corpus: str | None = None
+    dataset: str | None = None
+    dataset_split: str = "test"
+    dataset_field: str = "text"
+
+    def __post_init__(self):
+        object.__setattr__(self, "files", tuple(str(f) for f in self.files or ()))
+        if self.corpus is not None:
+            check_choice("corpus", self.corpus, CORPORA)
+        given = [name for name, on in (("files", self.files), ("corpus", self.corpus), ("dataset", self.dataset)) if on]
+        if len(given) != 1:
+            raise CorpusError(
+                "give exactly one text source: text files ('-' = stdin), a corpus "
+                f"({', '.join(CORPORA)}) or a Hugging Face dataset; got {' and '.join(given) or 'none'}"
+            )
+
+    @property
+    def name(self) -> str:
+        """A short name for titles: the files' names (not their folders), the corpus or the dataset."""
+        if self.corpus:
+            return {"austen": "Austen's novels"}.get(self.corpus, self.corpus)
+        if self.dataset:
+            return self.dataset
+        names = ["stdin" if f == "-" else Path(f).name for f in self.files]
+        return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more files"
+
+    def read(self, max_tokens: int | None = None, stdin=None) -> str:
+        """The text (not empty). ``max_tokens``: a dataset is read only as far as that many tokens need."""
+        if self.files:
+            text = read_texts(self.files, stdin)
+        elif self.corpus:
+            text = austen_text()
+        else:
+            need = None if max_tokens is None else max_tokens * CHARS_PER_TOKEN
+            text = hub_dataset_text(self.dataset, self.dataset_split, self.dataset_field, max_chars=need)
+        if not text.strip():
+            raise CorpusError(f"the text of {self.name} is empty: give some text")
+        return text
+
+
+def check_window(offset: int = 0, num_tokens: int | None = None) -> tuple[int, int | None]:
+    """``offset`` (>= 0) and ``num_tokens`` (>= 2 or None = to the end), checked (see :func:`tokenize_window`)."""
+    return check_int("offset", offset, 0), check_optional_int("num_tokens", num_tokens, 2)
+
+
+def tokenize_window(tokenizer, text: str, offset: int = 0, num_tokens: int | None = None) -> list[int]:
+    """Token ids ``[offset, offset + num_tokens)`` of ``text``, after the tokenizer's BOS if it adds one.
+
+    The window starts as the model saw texts start in training (with BOS, when the tokenizer adds
+    one), whatever the offset; the BOS counts towards ``num_tokens``. Only as much of the text is
+    tokenized as the window needs. Warns when the text is shorter than asked.
+
+    Raises:
+        ArgumentError: a bad ``offset`` or ``num_tokens``, or an ``offset`` that leaves fewer than 2 tokens.
+        ValueError: the text gives fewer than 2 tokens.
+    """
+    offset, num_tokens = check_window(offset, num_tokens)
+    budget = None if num_tokens is None else (offset + num_tokens) * CHARS_PER_TOKEN
+    while True:
+        piece = text if budget is None or budget >= len(text) else text[:budget]
+        ids = tokenizer(piece, add_special_tokens=False, verbose=False).input_ids
+        if num_tokens is None or len(ids) >= offset + num_tokens + 1 or piece is text:
+            break
+        budget *= 4
+    ids = ids[offset:]
+    probe = tokenizer("a").input_ids
+    if tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id:
+        ids = [tokenizer.bos_token_id] + ids
+    if num_tokens is not None:
+        ids = ids[:num_tokens]
+    if len(ids) < 2:
+        if offset:
+            raise ArgumentError("offset", f"leaves {len(ids)} token(s) of the text: need at least 2", offset)
+        raise ValueError(f"the text gives {len(ids)} token(s): need at least 2 to score one")
+    if num_tokens is not None and len(ids) < num_tokens:
+        warnings.warn(f"the text has only {len(ids):,} tokens after offset {offset} (asked for {num_tokens:,})",
+                      stacklevel=2)
+    return ids

@@ -1,17 +1,21 @@
-"""Tests for streamingllm.corpus (offline except the one marked ``network``)."""
+"""Tests for streamingllm.evals.corpus (offline except the one marked ``network``)."""
 
 from __future__ import annotations
 
 import shutil
 import socket
 import subprocess
+import sys
 import time
+import warnings
+from types import SimpleNamespace
 from urllib.parse import urlparse
 
 import pytest
 
-from streamingllm import corpus
-from streamingllm.corpus import AUSTEN_NOVELS, CorpusError, austen_text
+from streamingllm.checks import ArgumentError
+from streamingllm.evals import corpus
+from streamingllm.evals.corpus import AUSTEN_NOVELS, CorpusError, TextSource, austen_text, tokenize_window
 
 
 def _apt_download_possible() -> bool:
@@ -136,3 +140,94 @@ def test_real_download_and_parse(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "_download_deb", _no_download)
     monkeypatch.setattr(corpus, "_extract_novels", _no_download)
     assert austen_text(tmp_path) == text
+
+
+# --- text sources and token windows ---------------------------------------------------------
+
+
+def test_corpus_error_is_a_value_error():
+    assert issubclass(CorpusError, ValueError)
+
+
+@pytest.mark.parametrize(
+    "kwargs, got",
+    [(dict(), "none"), (dict(files=["a.txt"], corpus="austen"), "files and corpus"),
+     (dict(corpus="austen", dataset="x/y"), "corpus and dataset")],
+)
+def test_exactly_one_text_source(kwargs, got):
+    with pytest.raises(CorpusError, match=f"give exactly one text source: .*; got {got}$"):
+        TextSource(**kwargs)
+
+
+def test_unknown_corpus_names_the_parameter():
+    with pytest.raises(ArgumentError, match="corpus must be one of austen, got 'bronte'") as info:
+        TextSource(corpus="bronte")
+    assert info.value.as_flag().startswith("--corpus ")
+
+
+def test_source_names_show_file_names_only(tmp_path):
+    assert TextSource(files=[str(tmp_path / "books" / "emma.txt"), "-"]).name == "emma.txt, stdin"
+    many = TextSource(files=[f"/data/{i}.txt" for i in range(5)])
+    assert many.name == "0.txt, 1.txt and 3 more files"
+    assert TextSource(corpus="austen").name == "Austen's novels"
+    assert TextSource(dataset="emozilla/pg19").name == "emozilla/pg19"
+
+
+def test_read_files_and_stdin(tmp_path):
+    (tmp_path / "a.txt").write_text("first")
+    stdin = SimpleNamespace(read=lambda: "second")
+    assert TextSource(files=[tmp_path / "a.txt", "-"]).read(stdin=stdin) == "first\n\nsecond"
+
+
+def test_read_corpus_uses_the_cache(fake_cache, monkeypatch):
+    cache_dir, texts = fake_cache
+    monkeypatch.setenv("STREAMINGLLM_CACHE", str(cache_dir))
+    monkeypatch.setattr(corpus, "_download_deb", _no_download)
+    assert TextSource(corpus="austen").read() == "\n\n".join(texts[n] for n in AUSTEN_NOVELS)
+
+
+class Words:
+    """One token per character (ids = code points); a BOS of 0 when asked for, if ``bos``."""
+
+    def __init__(self, bos: bool):
+        self.bos_token_id = 0 if bos else None
+        self.calls = []
+
+    def __call__(self, text, add_special_tokens=True, verbose=True):
+        self.calls.append(len(text))
+        return SimpleNamespace(input_ids=([0] if add_special_tokens and self.bos_token_id == 0 else []) + [ord(c) for c in text])
+
+
+def test_tokenize_window_offset_and_bos():
+    text = "abcdefghij" * 10
+    assert tokenize_window(Words(bos=False), text, 3, 4) == [ord(c) for c in "defg"]
+    assert tokenize_window(Words(bos=True), text, 3, 4) == [0] + [ord(c) for c in "def"]  # BOS counts
+    assert tokenize_window(Words(bos=True), text) == [0] + [ord(c) for c in text]
+    tok = Words(bos=False)
+    tokenize_window(tok, "x" * 100_000, 0, 10)
+    assert tok.calls[0] < 1000  # only as much text as the window needs is tokenized
+
+
+def test_tokenize_window_short_text():
+    with pytest.warns(UserWarning, match="the text has only 5 tokens after offset 5 \\(asked for 100\\)"):
+        assert len(tokenize_window(Words(bos=False), "abcdefghij", 5, 100)) == 5
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tokenize_window(Words(bos=False), "abcdefghij", 5, 5)
+    with pytest.raises(ArgumentError, match="offset leaves 1 token\\(s\\) of the text: need at least 2, got 9"):
+        tokenize_window(Words(bos=False), "abcdefghij", 9)
+    with pytest.raises(ValueError, match="the text gives 1 token\\(s\\)"):
+        tokenize_window(Words(bos=False), "a")
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(offset=-1), "offset must be an integer >= 0, got -1"),
+                                             (dict(num_tokens=1), "num_tokens must be an integer >= 2, got 1")])
+def test_tokenize_window_bad_arguments(kwargs, message):
+    with pytest.raises(ArgumentError, match=message):
+        tokenize_window(Words(bos=False), "abc", **kwargs)
+
+
+def test_missing_datasets_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # as if not installed: its import fails
+    with pytest.raises(ImportError, match=r"'emozilla/pg19' need the optional package 'datasets': pip install 'streamingllm\[hub\]'"):
+        TextSource(dataset="emozilla/pg19").read(100)

@@ -4,28 +4,29 @@ reports are well-formed, bad input gives clear errors."""
 from __future__ import annotations
 
 import csv
+import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from streamingllm.cli import main
-from streamingllm.perplexity import (
+from streamingllm.checks import ArgumentError
+from streamingllm.evals.perplexity import (
     Scores,
     Setting,
+    check_options,
     evaluate,
-    format_summary,
     make_settings,
-    plot_curves,
-    plot_sweep,
-    read_nll_csv,
+    recompute_step,
     score_cached,
     score_dense,
     score_recompute,
+    sink_tokens,
     summarize,
-    write_nll_csv,
 )
+from streamingllm.evals.report import format_summary, plot_curves, plot_sweep, read_nll_csv, write_nll_csv
 from tiny import VOCAB, tiny_model
 
 TOL = 1e-4  # nats per token, float32
@@ -104,7 +105,7 @@ def test_recompute_equals_each_window_by_hand(every):
 def test_sink_size_zero_equals_window():
     model = tiny_model("llama")
     ids = text_ids(100)
-    settings = make_settings(["window", "streaming"], sink_sizes=[0], cache_sizes=[20])
+    settings = make_settings(["window", "streaming"], sink_size=[0], cache_size=[20])
     window, streaming = evaluate(model, ids, settings, chunk_size=32)
     assert window.setting.label == "window 0+20" and streaming.setting.label == "streaming 0+20"
     assert np.array_equal(window.nll, streaming.nll)
@@ -113,7 +114,7 @@ def test_sink_size_zero_equals_window():
 def test_methods_agree_before_the_cache_fills_and_differ_after():
     model = tiny_model("llama")
     ids, L = text_ids(80), 30
-    results = evaluate(model, ids, make_settings(cache_sizes=[L]), chunk_size=16)
+    results = evaluate(model, ids, make_settings(cache_size=[L]), chunk_size=16)
     by = {r.setting.method: r for r in results}
     early = slice(0, L)  # tokens 1..L: every method sees the whole prefix
     for m in ("window", "recompute", "streaming"):
@@ -122,50 +123,115 @@ def test_methods_agree_before_the_cache_fills_and_differ_after():
 
 
 def test_make_settings_expands_cache_sizes_and_windows():
-    s = make_settings(["dense", "window", "recompute", "streaming"], sink_sizes=[0, 4], cache_sizes=[64, 128])
+    s = make_settings(["dense", "window", "recompute", "streaming"], sink_size=[0, 4], cache_size=[64, 128])
     assert [x.label for x in s] == [
         "dense", "window 0+64", "window 0+128", "recompute 64", "recompute 128",
         "streaming 0+64", "streaming 4+60", "streaming 0+128", "streaming 4+124",
     ]
-    s = make_settings(["streaming"], sink_sizes=[4], window_sizes=[10, 20], sink_ids=[7], sink_name='"\\n"')
+    s = make_settings(["streaming"], sink_size=[4], window_size=[10, 20], sink_ids=[7], sink_name='"\\n"')
     assert [x.label for x in s] == ['streaming 4"\\n"+10', 'streaming 4"\\n"+20'] and s[0].sink_ids == (7, 7, 7, 7)
+
+
+@pytest.mark.parametrize(
+    "kwargs, param, message",
+    [
+        (dict(methods=["dense", "sliding"]), "methods", "methods must be one of dense, window, recompute, streaming, got 'sliding'"),
+        (dict(methods=[]), "methods", "methods must name at least one of"),
+        (dict(methods=["dense", "dense"]), "methods", "methods must not name a value twice"),
+        (dict(window_size=[0]), "window_size", "window_size must be an integer >= 1, got 0"),
+        (dict(sink_size=[-1]), "sink_size", "sink_size must be an integer >= 0, got -1"),
+        (dict(sink_size=[]), "sink_size", "sink_size must list at least one value"),
+        (dict(sink_size=[0, 8], cache_size=[8]), "cache_size", "cache_size must be larger than the sink size 8"),
+        (dict(window_size=[8], cache_size=[8]), "window_size", "window_size cannot be combined with a cache size"),
+        (dict(sink_ids=[]), "sink_ids", "sink_ids must hold at least one token id"),
+    ],
+)
+def test_bad_settings(kwargs, param, message):
+    with pytest.raises(ArgumentError, match=message) as info:
+        make_settings(**kwargs)
+    assert info.value.param == param
+
+
+def test_make_settings_takes_single_values_and_orders_methods():
+    s = make_settings(["streaming", "window"], sink_size=4, cache_size=64)
+    assert [x.label for x in s] == ["window 0+64", "streaming 4+60"]
+    assert [x.label for x in make_settings(["dense"])] == ["dense"]
+    assert make_settings(["window"])[0].cache_size == 1024
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(methods=["dense", "sliding"]), "unknown method 'sliding'"),
-        (dict(methods=[]), "methods is empty"),
-        (dict(window_sizes=[0]), "window_size must be an integer >= 1"),
-        (dict(sink_sizes=[-1]), "sink_size must be an integer >= 0"),
-        (dict(sink_sizes=[8], cache_sizes=[8]), "cache_size 8 leaves no room"),
-        (dict(window_sizes=[8], cache_sizes=[8]), "either window_size or cache_size"),
+        (dict(chunk_size=0), "chunk_size must be an integer >= 1, got 0"),
+        (dict(recompute_every=0), "recompute_every must be 'auto' or an integer >= 1, got 0"),
+        (dict(recompute_every="often"), "recompute_every must be 'auto' or an integer >= 1, got 'often'"),
+        (dict(max_dense_tokens=1), "max_dense_tokens must be an integer >= 2, got 1"),
+        (dict(segment_tokens=0), "segment_tokens must be an integer >= 1, got 0"),
+        (dict(smooth=0), "smooth must be an integer >= 1, got 0"),
+        (dict(sink_text=""), "sink_text must be the text whose tokens become the sinks"),
     ],
 )
-def test_bad_settings(kwargs, message):
-    with pytest.raises((ValueError, TypeError), match=message):
-        make_settings(**kwargs)
+def test_bad_options(kwargs, message):
+    with pytest.raises(ArgumentError, match=message) as info:
+        check_options(**kwargs)
+    assert info.value.param == next(iter(kwargs))
+
+
+def test_good_options_and_recompute_step():
+    check_options(chunk_size=1, recompute_every="auto", max_dense_tokens=None, segment_tokens=None, smooth=1)
+    check_options(recompute_every=3, max_dense_tokens=2, segment_tokens=1, sink_text="\n")
+    assert recompute_step(1001, "auto") == 4 and recompute_step(100, "auto") == 1 and recompute_step(100, 7) == 7
+    with pytest.raises(ArgumentError, match="recompute_every"):
+        recompute_step(100, "sometimes")
+
+
+def test_evaluate_auto_recompute_step():
+    model = tiny_model("llama")
+    (rec,) = evaluate(model, text_ids(40), make_settings(["recompute"], cache_size=[8]), recompute_every="auto")
+    assert rec.every == 1 and np.array_equal(rec.tokens, np.arange(1, 40))
+
+
+def test_cache_beyond_trained_length_warns_once():
+    model = tiny_model("llama", max_position_embeddings=32)
+    settings = make_settings(["window", "recompute", "streaming"], sink_size=[4], cache_size=[16, 40, 48])
+    with pytest.warns(UserWarning) as caught:
+        evaluate(model, text_ids(50), settings, chunk_size=32, recompute_every=10)
+    messages = [str(w.message) for w in caught]
+    assert messages == ["cache sizes 40, 48 exceed the model's trained length 32: positions beyond it were never trained"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        evaluate(model, text_ids(50), make_settings(["streaming", "dense"], cache_size=[32]), chunk_size=32)
+
+
+def test_sink_tokens():
+    class Chars:
+        def __call__(self, text, add_special_tokens=True):
+            return SimpleNamespace(input_ids=[ord(c) for c in text])
+
+    assert sink_tokens(Chars(), "\n\t") == ([10, 9], '"\\n\\t"')
+    with pytest.raises(ArgumentError, match="sink_text must give at least one token"):
+        sink_tokens(Chars(), "")
 
 
 def test_alibi_table_too_small_is_refused_before_any_work():
     model = tiny_model("mpt")  # max_seq_len 4096 in tiny.py
     model.config.max_seq_len = 32
     with pytest.raises(ValueError, match="ALiBi"):
-        evaluate(model, text_ids(50), make_settings(["dense", "streaming"], cache_sizes=[40]))
+        evaluate(model, text_ids(50), make_settings(["dense", "streaming"], cache_size=[40]))
 
 
 def test_short_text_and_dense_limit_are_refused():
     model = tiny_model("llama")
     with pytest.raises(ValueError, match="need at least 2"):
-        evaluate(model, text_ids(1), make_settings(["streaming"], cache_sizes=[8]))
-    with pytest.raises(ValueError, match="max_dense_tokens"):
+        evaluate(model, text_ids(1), make_settings(["streaming"], cache_size=[8]))
+    with pytest.raises(ArgumentError, match="max_dense_tokens is below the text's 50 tokens"):
         evaluate(model, text_ids(50), make_settings(["dense"]), max_dense_tokens=40)
 
 
 def test_reports_are_well_formed(tmp_path):
     model = tiny_model("llama")
     ids = text_ids(120)
-    settings = make_settings(sink_sizes=[0, 4], cache_sizes=[16, 32])
+    settings = make_settings(sink_size=[0, 4], cache_size=[16, 32])
     results = evaluate(model, ids, settings, chunk_size=32, recompute_every=5)
     write_nll_csv(results, tmp_path / "nll.csv")
     with open(tmp_path / "nll.csv", newline="") as f:
@@ -198,39 +264,3 @@ def test_no_sweep_plot_without_a_sweep(tmp_path):
     assert plot_sweep([r], tmp_path / "sweep.png") is False and not (tmp_path / "sweep.png").exists()
 
 
-# --- the command line: errors before any model is loaded -----------------------------------
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["perplexity", "--corpus", "austen", "--methods", "dense", "sliding"], "unknown method 'sliding'"),
-        (["perplexity", "--corpus", "austen", "--window-size", "0"], "--window-size values must be integers >= 1"),
-        (["perplexity", "--corpus", "austen", "--sink-size", "-2"], "--sink-size values must be integers >= 0"),
-        (["perplexity", "--corpus", "austen", "--recompute-every", "0"], "--recompute-every must be 'auto' or an integer >= 1"),
-        (["perplexity", "--corpus", "austen", "--num-tokens", "1"], "--num-tokens must be an integer >= 2"),
-        (["perplexity", "/nonexistent/book.txt"], "cannot read text file /nonexistent/book.txt"),
-        (["perplexity"], "give exactly one text source"),
-        (["perplexity", "--corpus", "austen", "--sink-text", ""], "--sink-text is empty"),
-    ],
-)
-def test_cli_bad_input(argv, message, capsys):
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and "Traceback" not in err
-
-
-def test_cli_empty_text(tmp_path, capsys):
-    empty = tmp_path / "empty.txt"
-    empty.write_text("  \n")
-    assert main(["perplexity", str(empty)]) == 2
-    assert "the text is empty" in capsys.readouterr().err
-
-
-def test_cli_offline_hub_dataset(monkeypatch, capsys):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    assert main(["perplexity", "--dataset", "no-such-org/no-such-dataset", "--num-tokens", "100"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert "no-such-org/no-such-dataset" in err and ("needs the optional package `datasets`" in err or "hub" in err)

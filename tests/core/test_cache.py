@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from reference import ReferenceSinkCache
 from streamingllm import SinkCache, UnsupportedModelError
-from streamingllm.stream import prefill
+from streamingllm.feed import prefill
 from tiny import ALIBI_FAMILIES, FAMILIES, ROPE_FAMILIES, VOCAB, tiny_config, tiny_model
 
 TOL = 1e-4
@@ -86,13 +86,17 @@ def test_exact_chunked_prefill_equals_token_by_token(family, sink_size, window_s
 
 
 def test_fast_prefill_is_bounded_and_continues_exactly():
-    """Fast mode is an approximation inside the prompt, but leaves a well-formed cache."""
+    """Fast mode (plain causal mask inside a chunk) equals the reference fed the same chunks, and
+    the decoding that follows it equals the reference's: the cache it leaves is well formed."""
     model = tiny_model("llama")
-    ids = torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(7))
-    cache = SinkCache(model, 4, 32)
-    prefill(model, cache, ids, chunk_size=100, exact=False)
-    assert cache.cached_tokens == 36 and cache.seen_tokens == 300
-    assert cache.layers[0].keys.shape[-2] == cache.timeline.capacity
+    ids = torch.randint(0, VOCAB, (1, 360), generator=torch.Generator().manual_seed(7))
+    fast, ref = SinkCache(model, 4, 32), ReferenceSinkCache(model, 4, 32)
+    a = prefill(model, fast, ids[:, :300], chunk_size=100, exact=False, return_all_logits=True)
+    with torch.no_grad():
+        b = torch.cat([model(ids[:, i : i + 100], cache=ref).logits for i in range(0, 300, 100)], dim=1)
+    assert (a - b).abs().max().item() <= TOL
+    assert fast.cached_tokens == 36 and fast.seen_tokens == 300
+    assert (_decode_logits(model, fast, ids[:, 300:]) - _decode_logits(model, ref, ids[:, 300:])).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("family", ["llama", "bloom"])
@@ -195,11 +199,9 @@ def test_alibi_table_limit():
 @pytest.mark.parametrize("family", ALIBI_FAMILIES)
 def test_alibi_caches_report_cached_length(family):
     """ALiBi models size their bias from get_seq_length(): it must be the number of cached tokens."""
-    assert set(ALIBI_FAMILIES) <= set(FAMILIES)
     model = tiny_model(family)
     cache = SinkCache(model, 4, 16)
     _decode_logits(model, cache, torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(11)))
-    assert cache.layers[0].rotator is None
     assert cache.get_seq_length() == cache.cached_tokens == 20 and cache.seen_tokens == 50
 
 
@@ -268,3 +270,32 @@ def test_compiled_prepared_steps_equal_eager_without_recompiling():
     assert (late - eager[:, 30:]).abs().max().item() <= TOL
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - frames_before <= 2  # not one per token
     torch._dynamo.reset()
+
+
+def test_a_cache_longer_than_the_trained_length_warns():
+    config = tiny_config("llama", max_position_embeddings=64)
+    with pytest.warns(UserWarning, match="trained length"):
+        SinkCache(config, 4, 61)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        SinkCache(config, 4, 60)  # exactly the trained length: no warning
+
+
+def test_a_cache_too_large_for_memory_is_refused_before_allocating(monkeypatch):
+    import streamingllm.cache as cache_module
+    from streamingllm.cache import CacheTooLargeError
+    from streamingllm.memory import storage_bytes
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 5), generator=torch.Generator().manual_seed(15))
+    fits = SinkCache(model, 4, 1000)
+    prefill(model, fits, ids)
+    need = storage_bytes(fits)  # what the buffers really take
+    assert need > 1000 * 2 * 2 * 4 and abs(fits.estimated_bytes(fits.layers[0].keys) - need) <= 64
+    monkeypatch.setattr(cache_module, "available_bytes", lambda device: need - 1000)
+    cache = SinkCache(model, 4, 1000)
+    with pytest.raises(CacheTooLargeError, match="GiB .* lower window_size"):
+        prefill(model, cache, ids)
+    assert cache.sinks.keys is None and not cache.layers[0].is_initialized  # nothing was allocated

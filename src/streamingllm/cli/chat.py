@@ -1,0 +1,47 @@
+"""``streamingllm chat``: a multi-turn chat whose memory stays bounded by the cache."""
+
+from __future__ import annotations
+
+import sys
+
+from ..checks import check_int
+from .options import add_cache_options, add_generation_options, add_model_options, add_parser, load_model, sampling_from_args
+
+
+def register(sub) -> None:
+    c = add_parser(sub, "chat", "multi-turn chat; memory stays bounded by the cache however long the conversation")
+    c.add_argument("--system", default=None, help="system prompt")
+    add_model_options(c)
+    add_cache_options(c)
+    add_generation_options(c)
+    c.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from ..cache import check_cache_sizes
+    from ..session import Session
+
+    sampling = sampling_from_args(args)
+    check_cache_sizes(args.sink_size, args.window_size)
+    check_int("max_new_tokens", args.max_new_tokens, 1)
+    model, tokenizer = load_model(args)
+    session = Session(model, tokenizer, args.sink_size, args.window_size, system=args.system, sampling=sampling,
+                      max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size)
+    cache, interactive = session.cache, sys.stdin.isatty()
+    print(f"streamingllm chat: {args.model}, cache {args.sink_size}+{args.window_size} tokens. Ctrl-D to quit.",
+          file=sys.stderr)
+    while True:
+        if interactive:
+            print("you> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return 0
+        if not line.strip():
+            continue
+        print("bot> ", end="", flush=True)
+        for piece in session.reply(line.strip()):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        fill = cache.cached_tokens / cache.max_cached_tokens
+        print(f"\n[cache {cache.cached_tokens}/{cache.max_cached_tokens} tokens ({fill:.0%} full), "
+              f"{cache.seen_tokens} seen]", file=sys.stderr, flush=True)

@@ -1,0 +1,159 @@
+"""Conversations on a sink cache: one :class:`Session` per conversation.
+
+A session holds a :class:`~streamingllm.cache.SinkCache` and the transcript it has consumed.
+Each turn feeds only the tokens that turn adds to the chat template (the new user message and
+the assistant prefix), generates the reply, then feeds the template's end of the assistant turn,
+so the cache always holds the conversation exactly as the template writes it -- minus what was
+evicted. Memory stays bounded however long the conversation.
+
+:class:`TextDecoder` turns generated token ids into text incrementally (multi-byte characters,
+leading spaces) at a constant cost per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .cache import SinkCache
+from .checks import check_int
+from .feed import Sampling, generate_tokens, prefill
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
+
+
+def stop_token_ids(tokenizer) -> frozenset[int]:
+    """The ids that end an assistant turn: EOS and the end-of-turn tokens the vocabulary has."""
+    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
+    return frozenset(ids)
+
+
+class TextDecoder:
+    """Incremental detokenizer: :meth:`add` returns the text a new token adds (possibly '').
+
+    Text is held back while it ends in an incomplete UTF-8 character. Decoding restarts every
+    ``window`` tokens from the last few tokens, so the cost per token stays constant.
+    """
+
+    def __init__(self, tokenizer, window: int = 64, context: int = 4):
+        self.tokenizer, self.window, self.context = tokenizer, window, context
+        self.ids: list[int] = []
+        self.printed = 0  # characters of decode(ids) already returned
+
+    def _decode(self, ids) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def add(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self._decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return ""
+        new, self.printed = text[self.printed :], len(text)
+        if len(self.ids) > self.window:  # restart from the last tokens (they fix leading spaces)
+            self.ids = self.ids[-self.context :]
+            self.printed = len(self._decode(self.ids))
+        return new
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class Session:
+    """One conversation with a chat model on a bounded cache.
+
+    Args:
+        model: a causal LM whose family :class:`SinkCache` supports.
+        tokenizer: its tokenizer, with a chat template.
+        sink_size: attention-sink tokens kept (tokens, >= 0).
+        window_size: most recent tokens kept (tokens, >= 1).
+        system: the system prompt, or None.
+        sampling: how reply tokens are chosen.
+        max_new_tokens: most tokens per reply (>= 1).
+        chunk_size: prompt tokens per forward pass (>= 1).
+
+    Attributes:
+        cache: the session's :class:`SinkCache` (``cache.seen_tokens`` counts the whole conversation).
+        messages: the transcript so far (system, user and assistant messages).
+    """
+
+    def __init__(self, model, tokenizer, sink_size: int = 4, window_size: int = 1020, *, system: str | None = None,
+                 sampling: Sampling = Sampling(), max_new_tokens: int = 256, chunk_size: int = 256):
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the tokenizer has no chat template: a Session needs a chat (instruct) model")
+        self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
+        self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
+        self.chunk_size = check_int("chunk_size", chunk_size, 1)
+        self.cache = SinkCache(model, sink_size=sink_size, window_size=window_size)
+        self.system = system
+        self.stop_ids = stop_token_ids(tokenizer)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt is kept)."""
+        self.cache.reset()
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        self._last: list[dict] = list(self.messages)  # the messages the template delta is computed against
+
+    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+    def _encode(self, text: str):
+        return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+
+    def turn_prompt(self, user_text: str) -> str:
+        """The template text this user message adds to what the cache holds (with the assistant prefix)."""
+        user = {"role": "user", "content": user_text}
+        full = self._render(self._last + [user], True)
+        if not self.cache.seen_tokens:
+            return full
+        before = self._render(self._last, False)
+        return full[_common_prefix(full, before) :]
+
+    def reply(self, user_text: str) -> Iterator[str]:
+        """Add the user's message, and yield the assistant's reply as text pieces as they come.
+
+        The turn is closed in the cache when the reply ends: at a stop token, after
+        ``max_new_tokens``, or when the caller stops iterating (``close()`` on the generator).
+        """
+        if not isinstance(user_text, str) or not user_text.strip():
+            raise ValueError("the user message is empty")
+        user = {"role": "user", "content": user_text}
+        prompt = self._encode(self.turn_prompt(user_text))
+        decoder, reply_ids, stopped = TextDecoder(self.tokenizer), [], False
+        try:
+            for token in generate_tokens(self.model, self.cache, prompt, self.max_new_tokens, self.sampling,
+                                         self.stop_ids, chunk_size=self.chunk_size):
+                tid = int(token[0])
+                if tid in self.stop_ids:
+                    stopped = True
+                    break
+                reply_ids.append(tid)
+                piece = decoder.add(tid)
+                if piece:
+                    yield piece
+        finally:
+            self._close_turn(user, reply_ids, stopped)
+
+    def _close_turn(self, user: dict, reply_ids: list[int], stopped: bool) -> None:
+        """Feed the end of the assistant turn as the template writes it (and the reply's last token,
+        which generation yields without feeding it)."""
+        text = self.tokenizer.decode(reply_ids, skip_special_tokens=True)
+        assistant = {"role": "assistant", "content": text}
+        closed = self._render([user, assistant], False)
+        if text and text in closed:
+            tail = closed[closed.rfind(text) + len(text) :]
+        else:
+            tail = closed[_common_prefix(closed, self._render([user], True)) :]
+        if reply_ids and not stopped:
+            tail = self.tokenizer.decode(reply_ids[-1:]) + tail
+        ids = self._encode(tail)
+        if len(ids):
+            prefill(self.model, self.cache, ids, chunk_size=self.chunk_size)
+        self.messages += [user, assistant]
+        self._last = [user, assistant]

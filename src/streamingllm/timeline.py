@@ -1,0 +1,224 @@
+"""The timeline: which tokens the cache keeps and where they sit, as counts and positions only.
+
+All layers of a :class:`~streamingllm.cache.SinkCache` share one :class:`Timeline`. For every
+forward pass of ``q`` new tokens, :meth:`Timeline.plan` decides the layout and returns a step
+that each layer carries out on its tensors. Planning touches no tensor, so it is tested alone.
+
+The layouts (buffer = one layer's preallocated key/value storage, ``S`` sinks, ``W`` window):
+
+* :class:`ViewStep` -- attend to ``buffer[off : off + n + q]``, laid out ``[sinks | window | new]``.
+  Evicting the oldest window token moves ``off`` by one; once the view reaches the buffer's end
+  the window is *compacted* back to the front. The sinks are (re)written just before the window.
+* :class:`ConcatStep` -- attend to a fresh tensor ``[sinks | window | new]`` when the step does
+  not fit the buffer (a long chunk); with ``groups > 1`` it is the *exact* banded chunk: one
+  copy of the sinks per in-cache position a query of the chunk needs them at.
+* :class:`RingStep` -- RoPE, one token into a full cache: sinks at ``buffer[0:S]``, the window
+  anywhere in the ``W + 1`` slots after them, the new token in the free slot (the evicted
+  token's). A lone query's attention does not depend on key order, so nothing is moved.
+
+Eviction is the window count going from ``window + q - new_sinks`` down to at most ``W``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Step:
+    """What every layer does with the ``q`` new tokens of one forward pass.
+
+    Attributes:
+        q: new tokens in this forward.
+        n: tokens held before the step (sinks + window): in-cache index of the first new token.
+        n_sink: sinks held before the step.
+        new_sinks: how many of the new tokens become sinks (the stream's first ``S``).
+        kept: window tokens held after the step.
+        shift: RoPE: rotate the stored window by this many positions first (the caller moved
+            its position frame: a rebase).
+        sink_delta: RoPE: rotation from the sinks' stored positions to this step's.
+        new_sink_delta: RoPE: rotation of new sink keys into the sinks' stored frame.
+        unroll_head: RoPE: the window is stored as a ring whose oldest token is at this slot;
+            put it in order at ``buffer[S:]`` first.
+    """
+
+    q: int
+    n: int
+    n_sink: int
+    new_sinks: int
+    kept: int
+    shift: int = 0
+    sink_delta: int = 0
+    new_sink_delta: int = 0
+    unroll_head: int | None = None
+
+
+@dataclass(frozen=True)
+class ViewStep(Step):
+    """Attend to ``buffer[off : off + n + q]`` in cache order.
+
+    Attributes:
+        prev_off: where the view started before the step (the stored window is at
+            ``prev_off + n_sink``).
+        off: where this step's view starts.
+        compact: move the window back to ``buffer[S:]`` first (then ``off == 0``).
+        write_sinks: (re)write the sinks at ``buffer[off : off + S]``.
+    """
+
+    prev_off: int = 0
+    off: int = 0
+    compact: bool = False
+    write_sinks: bool = False
+
+
+@dataclass(frozen=True)
+class ConcatStep(Step):
+    """Attend to a fresh ``[sinks x groups | window | new]`` tensor; the kept window is copied
+    back to ``buffer[S:]``.
+
+    Attributes:
+        prev_off: where the stored window's view starts (the window is at ``prev_off + n_sink``).
+        groups: copies of the sinks; group ``g`` is rotated ``g`` positions further, for the
+            queries of an exact chunk whose own window has overflowed by ``g`` tokens.
+    """
+
+    prev_off: int = 0
+    groups: int = 1
+
+    @property
+    def sink_deltas(self) -> tuple[int, ...]:
+        return tuple(self.sink_delta + g for g in range(self.groups))
+
+
+@dataclass(frozen=True)
+class RingStep(Step):
+    """RoPE, one token into a full cache: the whole ``S + W + 1``-slot buffer is attended to.
+
+    Attributes:
+        slot: buffer slot the new token is written to (the evicted token's).
+        write_sinks: (re)write the rotated sink keys at ``buffer[0:S]``.
+        write_sink_values: write the sink values at ``buffer[0:S]`` (on entering the ring).
+    """
+
+    slot: int = 0
+    write_sinks: bool = False
+    write_sink_values: bool = False
+
+
+@dataclass
+class Timeline:
+    """Counts and positions shared by all layers; no tensors.
+
+    Attributes:
+        sink_size: attention-sink tokens kept (S).
+        window_size: most recent tokens kept (W).
+        capacity: slots per layer buffer.
+        rotates: True for RoPE models (keys carry their position), False for ALiBi.
+        follows_positions: True when the cache sees the caller's position ids, and so may
+            suggest rebased positions through ``get_seq_length``.
+        rebase_every: frame/in-cache drift (tokens) after which a rebase is suggested.
+        ring_capable: single-token steps into a full cache may use :class:`RingStep` (needs
+            ``capacity == S + W + 1`` and RoPE).
+    """
+
+    sink_size: int
+    window_size: int
+    capacity: int
+    rotates: bool
+    follows_positions: bool
+    rebase_every: int
+    ring_capable: bool = False
+    seen: int = 0  # tokens of the stream processed so far (exact Python int, never wraps)
+    n_sink: int = 0  # sinks held
+    window: int = 0  # window tokens held
+    off: int = 0  # buffer index where the cache's view starts
+    frame_next: int = 0  # model-frame position of the next token
+    sink_frame: int = 0  # model-frame position the stored sink 0 is rotated at
+    sinks_in_buffer: tuple[int, int] | None = (0, 0)  # (off, sink_delta) of the sinks written in the buffer
+    exact_next: bool = False  # the next chunk comes with an exact banded mask
+    ring: bool = False  # the window is a ring in buffer[S : S + W + 1], oldest token at `head`
+    head: int = 0
+
+    @property
+    def length(self) -> int:
+        """Tokens currently held (sinks + window)."""
+        return self.n_sink + self.window
+
+    def reset(self) -> None:
+        """Forget the stream (sizes and settings are kept)."""
+        self.seen = self.n_sink = self.window = self.off = self.frame_next = self.sink_frame = self.head = 0
+        self.sinks_in_buffer, self.exact_next, self.ring = (0, 0), False, False
+
+    def overflows(self, q: int) -> bool:
+        """True when some of ``q`` new tokens would see more than the window under a causal mask:
+        then only the exact layout (one sink copy per overflowing token) is exact."""
+        return q > 1 and self.n_sink == self.sink_size and self.window + q - 1 > self.window_size
+
+    def suggested_position(self) -> int:
+        """The position the next token should be given (what ``get_seq_length`` returns)."""
+        if self.seen == 0:
+            return 0
+        if not self.rotates:
+            return self.length
+        if self.follows_positions and self.frame_next - self.length >= self.rebase_every:
+            return self.length
+        return self.frame_next
+
+    def plan(self, q: int, p0: int | None) -> Step:
+        """Plan one forward pass of ``q`` new tokens whose first position is ``p0``, and advance.
+
+        ``p0`` is the position the caller gave the first new token (None when the model does not
+        pass position ids to the cache: it then used :meth:`suggested_position`).
+        """
+        S, W = self.sink_size, self.window_size
+        if p0 is None or not self.rotates:
+            p0 = self.suggested_position()
+        if self.seen == 0:
+            self.frame_next = self.sink_frame = p0
+        n, new_sinks = self.length, min(q, S - self.n_sink)
+        rope = {}
+        if self.rotates:
+            rope = dict(shift=(p0 - self.frame_next) if self.window else 0, sink_delta=p0 - n - self.sink_frame,
+                        new_sink_delta=self.sink_frame + self.n_sink - p0)
+        ring_step = self.ring_capable and q == 1 and self.n_sink == S and self.window == W
+        if self.ring and not ring_step:  # leaving the ring: the window is first put in order at S
+            rope["unroll_head"], self.ring, self.off = self.head, False, 0
+        if ring_step:
+            step = self._ring_step(n, rope)
+        else:
+            kept = min(self.window + q - new_sinks, W)
+            evicted = self.window + q - new_sinks - kept
+            common = dict(q=q, n=n, n_sink=self.n_sink, new_sinks=new_sinks, kept=kept, prev_off=self.off, **rope)
+            if self.exact_next and self.overflows(q):
+                step = ConcatStep(groups=self.window + q - W, **common)
+            elif self.off + n + q > self.capacity and n + q > self.capacity:
+                step = ConcatStep(**common)
+            else:
+                off = 0 if self.off + n + q > self.capacity else self.off
+                delta = rope.get("sink_delta", 0)
+                write = bool(self.n_sink) and self.sinks_in_buffer != (off, delta)
+                step = ViewStep(off=off, compact=off != self.off, write_sinks=write, **common)
+            if isinstance(step, ViewStep):
+                moved = step.new_sinks and step.new_sink_delta  # new sinks are stored rotated: rewrite next time
+                self.sinks_in_buffer = None if moved else (step.off, step.sink_delta)
+                self.off = step.off + evicted
+            else:  # the kept window is copied to buffer[S:]; the sinks are rewritten next step
+                self.off, self.sinks_in_buffer = 0, None
+            self.n_sink += new_sinks
+            self.window = kept
+        self.exact_next = False
+        self.seen += q
+        self.frame_next = p0 + q
+        return step
+
+    def _ring_step(self, n: int, rope: dict) -> RingStep:
+        """One token into a full cache, ring layout (see :class:`RingStep`): the new token takes
+        the free slot, and the oldest window token's slot becomes the next free one."""
+        S, W = self.sink_size, self.window_size
+        head = self.head if self.ring else self.off + S  # an ordered window starts at off + S (off <= 1)
+        step = RingStep(q=1, n=n, n_sink=S, new_sinks=0, kept=W, slot=head - 1 if head > S else S + W,
+                        write_sinks=bool(S) and self.sinks_in_buffer != (0, rope["sink_delta"]),
+                        write_sink_values=bool(S) and not self.ring, **rope)
+        self.ring, self.head, self.off = True, S + (head - S + 1) % (W + 1), 0
+        self.sinks_in_buffer = (0, step.sink_delta)
+        return step

@@ -1,0 +1,58 @@
+"""The core needs torch and transformers only: it imports and streams while the evaluation and
+plotting dependencies cannot be imported, and those say which extra brings them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+BLOCK = """
+import sys
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("matplotlib", "rdata", "datasets"):
+            raise ImportError(f"{name} is blocked by the test")
+sys.meta_path.insert(0, Blocker())
+"""
+
+CORE = BLOCK + """
+import torch
+import streamingllm
+from streamingllm import SinkCache, generate_tokens, Sampling
+from streamingllm.session import Session
+from tiny import tiny_model
+model = tiny_model("llama")
+cache = SinkCache(model, 4, 16)
+tokens = list(generate_tokens(model, cache, torch.arange(30), 50, Sampling(temperature=0.8, seed=0)))
+assert len(tokens) == 50 and cache.cached_tokens == 20 and cache.seen_tokens == 79, cache.seen_tokens
+assert not any(m.split(".")[0] in ("matplotlib", "rdata") for m in sys.modules)
+from streamingllm.cli import build_parser
+build_parser()  # the command line is importable too: extras are imported only when used
+print("ok")
+"""
+
+EXTRA = BLOCK + """
+from streamingllm.extras import MissingExtraError
+from streamingllm.report import pyplot
+try:
+    pyplot()
+except MissingExtraError as err:
+    print(err)
+"""
+
+
+def _run(code: str) -> subprocess.CompletedProcess:
+    tests = Path(__file__).resolve().parents[1]
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": str(tests), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+
+def test_core_streams_without_plotting_or_corpus_packages():
+    run = _run(CORE)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def test_a_missing_extra_is_named():
+    run = _run(EXTRA)
+    assert "pip install 'streamingllm[plots]'" in run.stdout, run.stderr[-3000:]

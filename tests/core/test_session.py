@@ -1,0 +1,80 @@
+"""Conversations: a Session feeds each turn's new template text only, and its cache holds exactly
+the chat template's rendering of the transcript (default model; greedy)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from streamingllm.models import ModelLoadError, load
+from streamingllm.session import Session, TextDecoder
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    try:
+        return load()
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+
+
+def _recording(model):
+    """Record the token ids of every forward pass."""
+    fed: list[int] = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: fed.extend(kwargs["input_ids"][0].tolist()),
+                                             with_kwargs=True)
+    return fed, handle
+
+
+@pytest.mark.parametrize("window_size", [1020, 60])  # no eviction, and eviction within the first reply
+def test_the_cache_holds_the_template_rendering_of_the_transcript(smollm, window_size):
+    model, tokenizer = smollm
+    session = Session(model, tokenizer, 4, window_size, system="Answer in one short sentence.", max_new_tokens=40)
+    fed, handle = _recording(model)
+    try:
+        first = "".join(session.reply("What is the capital of France?"))
+        second = "".join(session.reply("And of Italy?"))
+    finally:
+        handle.remove()
+    assert "Paris" in first and "Rome" in second
+    assert [m["role"] for m in session.messages] == ["system", "user", "assistant", "user", "assistant"]
+    transcript = tokenizer.apply_chat_template(session.messages, tokenize=False)
+    assert tokenizer.decode(fed) == transcript  # each turn fed once, nothing re-read, the turns closed
+    assert session.cache.seen_tokens == len(fed)
+    assert session.cache.cached_tokens == min(len(fed), 4 + window_size)
+
+
+def test_stopping_a_reply_early_still_closes_the_turn(smollm):
+    model, tokenizer = smollm
+    session = Session(model, tokenizer, 4, 200, max_new_tokens=100)
+    fed, handle = _recording(model)
+    try:
+        reply = session.reply("Tell me a long story about a lighthouse keeper.")
+        pieces = [next(reply) for _ in range(5)]
+        reply.close()  # what Ctrl-C or a client disconnect does
+        answer = "".join(session.reply("Thanks. What is 2 + 2?"))
+    finally:
+        handle.remove()
+    assert session.messages[1] == {"role": "assistant", "content": "".join(pieces)}  # what was shown is kept
+    assert tokenizer.decode(fed) == tokenizer.apply_chat_template(session.messages, tokenize=False)
+    assert "4" in answer
+
+
+def test_reset_forgets_the_conversation(smollm):
+    model, tokenizer = smollm
+    session = Session(model, tokenizer, 4, 200, system="Be brief.", max_new_tokens=8)
+    "".join(session.reply("Hello"))
+    session.reset()
+    assert session.cache.seen_tokens == 0 and session.messages == [{"role": "system", "content": "Be brief."}]
+    assert session.turn_prompt("Hi").startswith(tokenizer.apply_chat_template(session.messages, tokenize=False))
+
+
+def test_text_decoder_equals_one_decode_at_constant_cost(smollm):
+    _, tokenizer = smollm
+    text = "Ünïcödé — naïve café, 東京, emoji 🙂, and plain words " * 6
+    ids = tokenizer(text, add_special_tokens=False).input_ids
+    decoder = TextDecoder(tokenizer, window=16)
+    out = "".join(decoder.add(i) for i in ids)
+    assert out == tokenizer.decode(ids) and len(decoder.ids) <= 17
