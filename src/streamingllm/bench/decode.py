@@ -1,0 +1,173 @@
+"""Per-token decode latency and memory against cache size: the paper's Figure 10.
+
+Every arm holds N tokens before each timed step. The arms are interleaved in blocks of steps,
+their order rotating every round, so machine noise hits all of them alike.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+
+import torch
+
+from ..checks import ArgumentError, check_choice, check_choices, check_int, check_int_list
+from ..compat import vocab_size
+from ..memory import MIB, PeakMemory, release_freed_memory, storage_bytes
+from .arms import Arm, Forward, progress_bar
+from .stats import add_ratios, latency_stats
+
+METHODS = ("streaming", "streaming-compiled", "dense", "recompute")
+RECOMPUTE_LOGITS = ("all", "last")
+FILL_EXTRA = 64  # tokens fed to the streaming arm past its capacity, so it is evicting when timed
+DECODE_COLUMNS = [
+    "size", "method", "steps", "median_ms", "p90_ms", "mean_ms", "state_mib", "peak_mib", "mem_source",
+    "vs_dense", "speedup_vs_recompute",
+]
+
+
+def check_decode_args(
+    sizes, methods=METHODS, steps: int = 64, warmup: int = 8, recompute_steps: int | None = None,
+    sink_size: int = 4, block: int = 8, recompute_logits: str = "all",
+) -> dict:
+    """Validate :func:`bench_decode`'s arguments (no model needed); returns them normalised.
+
+    Raises :class:`~streamingllm.checks.ArgumentError` (a ``ValueError``; ``TypeError`` for a
+    wrong type) naming the parameter.
+    """
+    sink_size = check_int("sink_size", sink_size, 0)
+    sizes = check_int_list("sizes", sizes)
+    if min(sizes) <= sink_size:
+        raise ArgumentError("sizes", f"must each be > the sink size ({sink_size}): a cache of N tokens holds the "
+                            f"sinks and N - {sink_size} window tokens", sizes)
+    steps = check_int("steps", steps, 1)
+    return dict(
+        sizes=sizes, methods=check_choices("methods", methods, METHODS), steps=steps,
+        warmup=check_int("warmup", warmup, 0), sink_size=sink_size, block=check_int("block", block, 1),
+        recompute_steps=max(1, steps // 8) if recompute_steps is None
+        else check_int("recompute_steps", recompute_steps, 1),
+        recompute_logits=check_choice("recompute_logits", recompute_logits, RECOMPUTE_LOGITS),
+    )
+
+
+@torch.no_grad()
+def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), methods: Sequence[str] = METHODS,
+                 steps: int = 64, warmup: int = 8, recompute_steps: int | None = None, sink_size: int = 4,
+                 block: int = 8, seed: int = 0, progress: bool = True, on_row: Callable[[dict], None] | None = None,
+                 recompute_logits: str = "all") -> list[dict]:
+    """Per-token decode latency and memory of each method (arm) at each cache size.
+
+    Args:
+        model: a causal LM (any family :class:`~streamingllm.cache.SinkCache` supports) on its device.
+        sizes: cache sizes N (tokens; each > ``sink_size``). Every arm holds N tokens before each
+            timed step, so the new token attends to N + 1 keys (recompute: N tokens, itself included).
+        methods: arms to run (:mod:`streamingllm.bench.arms`): ``"streaming"``, ``"streaming-compiled"``
+            (compiled once per size in two extra untimed steps; dropped with a ``RuntimeWarning``
+            when compilation fails), ``"dense"``, ``"recompute"``.
+        steps: timed single-token steps per arm and size (streaming, dense).
+        warmup: untimed steps per arm and size (recompute: at most 2, each a full forward); at
+            least one, as peak memory is measured over them.
+        recompute_steps: timed steps of the recompute arm (default ``max(1, steps // 8)``).
+        sink_size: attention sinks of the streaming arms (tokens).
+        block: steps an arm runs before the next takes over; the arm order rotates every round.
+        seed: seed of the random token ids, the same for all arms.
+        progress: show a progress bar on stderr.
+        on_row: called with each size's rows as soon as they are measured.
+        recompute_logits: ``"all"``: the recompute forward computes every token's logits, as a
+            plain forward (the paper's baseline); ``"last"``: the last token's only (stronger).
+
+    Returns:
+        One row per (size, method) with :data:`DECODE_COLUMNS`: ``steps`` (timed), ``median_ms``,
+        ``p90_ms``, ``mean_ms`` (:func:`latency_stats`), ``state_mib`` (the arm's cache tensors;
+        0 for recompute), ``peak_mib`` (the process's peak memory while the arm steps, with the
+        model and this arm's state only: exact on CUDA, resident memory on CPU), ``mem_source``
+        (``"cuda"``, ``"rss_hwm"`` or ``"rss"``), ``vs_dense`` (median / dense median) and
+        ``speedup_vs_recompute`` (recompute median / this median).
+    """
+    a = check_decode_args(sizes, methods, steps, warmup, recompute_steps, sink_size, block, recompute_logits)
+    fwd, mem = Forward(model), PeakMemory(model.device)
+    gen, vocab = torch.Generator().manual_seed(seed), vocab_size(model)
+    release_freed_memory()
+    baseline = mem.current()
+    counts = {m: a["recompute_steps"] if m == "recompute" else a["steps"] for m in a["methods"]}
+    warms = {m: min(max(a["warmup"], 1), 2) if m == "recompute" else max(a["warmup"], 1) for m in a["methods"]}
+    methods_now, rows = list(a["methods"]), []  # the compiled arm leaves when compilation fails
+    bar = progress_bar(len(a["sizes"]) * sum(counts[m] + warms[m] for m in methods_now), "decode", progress, "step")
+    try:
+        for n in a["sizes"]:
+            if "streaming-compiled" in methods_now:  # a fresh compiled forward per size (shapes differ)
+                torch._dynamo.reset()
+                fwd = Forward(model, compile=True)
+            ids = torch.randint(0, vocab, (1, n + FILL_EXTRA), generator=gen).to(model.device)
+            toks = torch.randint(0, vocab, (max(counts.values()) + max(warms.values()), 1, 1), generator=gen)
+            toks = toks.to(model.device)
+            arms, peaks = {}, {}
+            for m in list(methods_now):
+                bar.set_description(f"decode N={n} fill {m}")
+                release_freed_memory()
+                before = mem.current()
+                arms[m] = Arm(m, fwd, n, ids, a["sink_size"], last_only=a["recompute_logits"] == "last")
+                if m == "streaming-compiled":
+                    try:
+                        before += _compile(arms[m], toks, mem)
+                    except Exception as err:  # no C++ compiler, unsupported backend, ...
+                        warnings.warn(f"torch.compile failed, dropping the {m} arm: {type(err).__name__}: "
+                                      f"{(str(err).splitlines() or [''])[0]}", RuntimeWarning, stacklevel=2)
+                        methods_now.remove(m)
+                        del arms[m]
+                        continue
+                release_freed_memory()
+                fwd.sync()
+                mem.reset_peak()
+                for tok in toks[: warms[m]]:  # untimed: warm-up and memory probe
+                    arms[m].step(tok)
+                    arms[m].after()
+                    bar.update(1)
+                fwd.sync()
+                peaks[m] = baseline + mem.peak() - before
+            if not arms:  # every arm dropped
+                continue
+            bar.set_description(f"decode N={n}")
+            times = _interleave(arms, counts, warms, toks, a["steps"], a["block"], bar)
+            for m, arm in arms.items():
+                arm.check_held()
+                stats = latency_stats(times[m])
+                rows.append({"size": n, "method": m, "steps": stats.pop("n"), **stats,
+                             "state_mib": 0.0 if arm.state is None else storage_bytes(arm.state) / MIB,
+                             "peak_mib": peaks[m] / MIB, "mem_source": mem.source})
+            add_ratios(rows)
+            if on_row is not None:
+                for r in rows[-len(arms):]:
+                    on_row(r)
+            arms = arm = None  # freed before the next size's memory probes
+    finally:
+        bar.close()
+    return rows
+
+
+def _compile(arm: Arm, toks: torch.Tensor, mem: PeakMemory) -> int:
+    """Compile the arm's step in two untimed steps; returns the compiler's own memory (bytes),
+    which is not the arm's."""
+    release_freed_memory()
+    built = mem.current()
+    for tok in toks[:2]:
+        arm.step(tok)
+    release_freed_memory()
+    return mem.current() - built
+
+
+def _interleave(arms: dict[str, Arm], counts: dict, warms: dict, toks, steps: int, block: int, bar) -> dict:
+    """Time ``counts[m]`` steps of each arm in rounds of about ``block`` steps, the arm order
+    rotating every round; returns each arm's latencies (seconds)."""
+    order = list(arms)
+    rounds = math.ceil(steps / block) if order != ["recompute"] else counts["recompute"]
+    times = {m: [] for m in order}
+    for r in range(rounds):
+        for m in order[r % len(order):] + order[: r % len(order)]:
+            arm, tt = arms[m], times[m]
+            for _ in range((r + 1) * counts[m] // rounds - r * counts[m] // rounds):
+                tt.append(arm.fwd.timed(arm.step, toks[warms[m] + len(tt)]))
+                arm.after()
+                bar.update(1)
+    return times
