@@ -30,6 +30,7 @@ import torch
 from transformers.cache_utils import Cache, StaticLayer
 
 from .checks import check_int
+from .compat import text_config
 from .families import Family, UnsupportedModelError, alibi_limit, family_of, rope_inv_freq, sliding_window_of
 from .memory import available_bytes
 from .models import trained_length
@@ -128,8 +129,7 @@ class SinkLayer(StaticLayer):
             K[:, :, o + step.n : o + step.n + step.q].copy_(key_states)
             V[:, :, o + step.n : o + step.n + step.q].copy_(value_states)
             keys, values = K[:, :, o : o + step.n + step.q], V[:, :, o : o + step.n + step.q]
-        else:
-            assert isinstance(step, ConcatStep)
+        else:  # ConcatStep
             sink_keys = self.sinks.for_layer(self.index, s0, step.sink_deltas)
             sink_values = self.sink_values[:, :, :s0].repeat(1, 1, step.groups, 1)
             keys = torch.cat((sink_keys, K[:, :, lo:hi], key_states), dim=-2)
@@ -275,7 +275,7 @@ class SinkCache(Cache):
         config = model_or_config.config if isinstance(model_or_config, torch.nn.Module) else model_or_config
         if config is None or not hasattr(config, "model_type"):
             raise TypeError(f"model_or_config must be a transformers model or config, got {type(model_or_config).__name__}")
-        config = config.get_text_config() if hasattr(config, "get_text_config") else config
+        config = text_config(config)
         family = family_of(config)
         _check_fits(config, family, sink_size, window_size)
         self.family: Family = family

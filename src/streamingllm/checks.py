@@ -21,16 +21,20 @@ class ArgumentError(ValueError):
     Attributes:
         param: the Python parameter's name (``window_size``).
         requirement: what the value must be (``must be an integer >= 1``).
+        mentions: other parameters named in ``requirement``, rewritten as flags by :meth:`as_flag`.
     """
 
-    def __init__(self, param: str, requirement: str, value=_MISSING):
-        self.param, self.requirement = param, requirement
+    def __init__(self, param: str, requirement: str, value=_MISSING, *, mentions: tuple[str, ...] = ()):
+        self.param, self.requirement, self.mentions = param, requirement, mentions
         self.got = "" if value is _MISSING else f", got {value!r}"
         super().__init__(f"{param} {requirement}{self.got}")
 
     def as_flag(self) -> str:
-        """The message with the parameter written as its command-line flag."""
-        return f"{flag_of(self.param)} {self.requirement}{self.got}"
+        """The message with the parameter (and those it mentions) written as command-line flags."""
+        requirement = self.requirement
+        for name in self.mentions:
+            requirement = requirement.replace(name, flag_of(name))
+        return f"{flag_of(self.param)} {requirement}{self.got}"
 
 
 class ArgumentTypeError(ArgumentError, TypeError):

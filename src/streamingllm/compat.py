@@ -9,11 +9,18 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 
-def _forward_parameters(model) -> set[str]:
-    return set(inspect.signature(model.forward).parameters)
+def _forward_parameters(model) -> frozenset[str]:
+    return _parameters_of(type(model))
+
+
+@functools.cache
+def _parameters_of(model_class) -> frozenset[str]:
+    """``forward``'s parameter names, looked up once per model class (not once per step)."""
+    return frozenset(inspect.signature(model_class.forward).parameters)
 
 
 def cache_argument(model) -> str:

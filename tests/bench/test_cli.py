@@ -19,7 +19,7 @@ from tiny import tiny_config
     (["bench", "stream", "--mode", "beam"], "--mode must be one of generate, teacher-forced, got 'beam'"),
     (["bench", "stream", "--chunk-size", "4"], "--chunk-size must be 1 in generate mode"),
     (["bench", "stream", "--num-tokens", "500"],
-     "--num-tokens must exceed the streaming cache (sink_size + window_size = 1024 tokens) so that it fills and "
+     "--num-tokens must exceed the streaming cache (--sink-size + --window-size = 1024 tokens) so that it fills and "
      "evicts; lower --window-size or raise --num-tokens, got 500"),
     (["bench", "stream", "--random-weights", "--mode", "teacher-forced", "--text-file", "x.txt"], "--text-file needs"),
     (["bench", "stream", "--text-file", "x.txt"], "--text-file is for --mode teacher-forced"),

@@ -66,9 +66,9 @@ def _read_text(args) -> str | None:
     if args.text_file is None:
         return None
     if args.random_weights:
-        raise ArgumentError("text_file", "needs the model's tokenizer: not with --random-weights")
+        raise ArgumentError("text_file", "needs the model's tokenizer: not with random_weights", mentions=("random_weights",))
     if args.mode != "teacher-forced":
-        raise ArgumentError("text_file", "is for --mode teacher-forced")
+        raise ArgumentError("text_file", "is for mode teacher-forced", mentions=("mode",))
     try:
         text = Path(args.text_file).read_text(encoding="utf-8")
     except OSError as err:

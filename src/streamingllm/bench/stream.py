@@ -46,7 +46,8 @@ def check_stream_args(
     full = a["sink_size"] + a["window_size"]
     if "streaming" in a["methods"] and a["num_tokens"] <= full:
         raise ArgumentError("num_tokens", f"must exceed the streaming cache (sink_size + window_size = {full} tokens) "
-                            "so that it fills and evicts; lower --window-size or raise --num-tokens", num_tokens)
+                            "so that it fills and evicts; lower window_size or raise num_tokens", num_tokens,
+                            mentions=("sink_size", "window_size", "num_tokens"))
     return a
 
 
