@@ -29,17 +29,17 @@ import warnings
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from .checks import check_int
+from .checks import ArgumentError, check_int
 from .compat import text_config
-from .families import Family, UnsupportedModelError, alibi_limit, family_of, rope_inv_freq, sliding_window_of
+from .families import (Family, UnsupportedModelError, alibi_limit, family_of, past_trained_length, rope_inv_freq,
+                       sliding_window_of)
 from .memory import available_bytes
-from .models import trained_length
 from .rotation import Rotator
 from .timeline import ConcatStep, RingStep, Step, Timeline, ViewStep
 
 
-class CacheTooLargeError(ValueError):
-    """The cache asked for would not fit in the device's memory."""
+class CacheTooLargeError(ArgumentError):
+    """The cache asked for would not fit in the device's memory (names ``window_size``)."""
 
 
 class TrainedLengthWarning(UserWarning):
@@ -330,10 +330,10 @@ class SinkCache(Cache):
         free = available_bytes(key_states.device)
         if free is not None and need > free:
             raise CacheTooLargeError(
-                f"sink_size + window_size = {self.sink_size + self.window_size} tokens needs {need / 2**30:.2f} GiB "
-                f"of {key_states.device.type} memory for the cache, but {free / 2**30:.2f} GiB is available: "
-                "lower window_size"
-            )
+                "window_size", f"is too large: sink_size + window_size = {self.sink_size + self.window_size} tokens "
+                f"need {need / 2**30:.2f} GiB of {key_states.device.type} memory for the cache, but "
+                f"{free / 2**30:.2f} GiB is available; lower window_size", self.window_size,
+                mentions=("sink_size", "window_size"))
         self.sinks.allocate(self.num_layers, key_states, self.sink_size)
         self._slot = torch.zeros(1, dtype=torch.long, device=key_states.device)
         self._position = torch.zeros((1, 1), dtype=torch.long, device=key_states.device)
@@ -472,22 +472,21 @@ def _check_fits(config, family: Family, sink_size: int, window_size: int) -> Non
     total = sink_size + window_size
     sliding = sliding_window_of(config, family)
     if sliding is not None and total >= sliding:
-        raise ValueError(
-            f"sink_size + window_size = {total} must be < the model's sliding_window ({sliding}) for "
-            f"{family.name}: its own sliding-window mask would hide the attention sinks. "
-            f"Use window_size <= {sliding - sink_size - 1}."
-        )
+        raise ArgumentError(
+            "window_size", f"must be <= {sliding - sink_size - 1} for {family.name}: sink_size + window_size must "
+            f"stay below the model's own sliding_window ({sliding}), whose mask would hide the attention sinks",
+            window_size, mentions=("sink_size", "window_size"))
     limit = alibi_limit(config, family)
     if limit is not None and total + 1 > limit:
-        raise ValueError(
-            f"sink_size + window_size + 1 = {total + 1} exceeds the ALiBi table of {family.name} "
-            f"({family.alibi_table_attr}={limit}). Use window_size <= {limit - sink_size - 1}."
-        )
-    trained = trained_length(config)
-    if trained is not None and total > trained:
+        raise ArgumentError(
+            "window_size", f"must be <= {limit - sink_size - 1} for {family.name}: sink_size + window_size + 1 "
+            f"must fit its ALiBi table ({family.alibi_table_attr}={limit})", window_size,
+            mentions=("sink_size", "window_size"))
+    trained = past_trained_length(config, total)
+    if trained is not None:
         warnings.warn(
-            f"sink_size + window_size = {total} exceeds the model's trained length ({trained} tokens): "
-            "positions past it were never trained, so quality may collapse as with dense attention",
+            f"sink_size + window_size = {total} reaches the model's trained length ({trained} tokens): the next "
+            f"token sits at position {total}, past the trained ones, so quality may collapse as with dense attention",
             TrainedLengthWarning,
             stacklevel=3,
         )

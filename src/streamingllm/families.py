@@ -135,3 +135,19 @@ def alibi_limit(config, family: Family) -> int | None:
     if family.alibi_table_attr is None:
         return None
     return int(getattr(config, family.alibi_table_attr))
+
+
+def trained_length(config) -> int | None:
+    """The context length the model was trained for, in tokens (``max_position_embeddings``, or
+    MPT's ``max_seq_len``), if its config states one. Positions ``0 .. trained_length - 1`` were trained."""
+    config = getattr(config, "config", config)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
+    return int(n) if n else None
+
+
+def past_trained_length(config, cache_tokens: int) -> int | None:
+    """The trained length when a cache of ``cache_tokens`` tokens makes the model use untrained
+    positions (the next token sits at position ``cache_tokens``), else None."""
+    trained = trained_length(config)
+    return trained if trained is not None and cache_tokens >= trained else None

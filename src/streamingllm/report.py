@@ -1,7 +1,8 @@
-"""Writing results: aligned terminal tables, CSV files and PNG figures.
+"""Showing work and results: progress bars, aligned terminal tables, CSV files and PNG figures.
 
-Shared by the evaluations and the benchmarks (not part of the core). matplotlib is optional
-(the ``plots`` extra) and is imported only when a figure is drawn.
+Shared by the evaluations, the benchmarks and the command line (the core never prints). tqdm
+comes with transformers; matplotlib is optional (the ``plots`` extra) and is imported only when
+a figure is drawn.
 """
 
 from __future__ import annotations
@@ -12,6 +13,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .extras import require
+
+
+def progress_bar(total: int, desc: str, unit: str = "tok", enabled: bool = True, leave: bool = True):
+    """A tqdm progress bar on stderr: ``total`` units, refreshed at most every 0.5 s on a terminal
+    and every 15 s in a log; ``enabled=False`` gives a silent one with the same methods."""
+    import sys
+
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, leave=leave,
+                dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 15)
 
 
 def format_value(v, digits: int = 4) -> str:

@@ -119,7 +119,8 @@ class Session:
         """Add the user's message, and yield the assistant's reply as text pieces as they come.
 
         The turn is closed in the cache when the reply ends: at a stop token, after
-        ``max_new_tokens``, or when the caller stops iterating (``close()`` on the generator).
+        ``max_new_tokens``, or when the caller stops iterating (``close()`` on the generator, as
+        a client that disconnects). An exception inside the model leaves the turn open.
         """
         if not isinstance(user_text, str) or not user_text.strip():
             raise ValueError("the user message is empty")
@@ -137,8 +138,10 @@ class Session:
                 piece = decoder.add(tid)
                 if piece:
                     yield piece
-        finally:
+        except GeneratorExit:  # the caller stopped reading: keep what was shown
             self._close_turn(user, reply_ids, stopped)
+            raise
+        self._close_turn(user, reply_ids, stopped)
 
     def _close_turn(self, user: dict, reply_ids: list[int], stopped: bool) -> None:
         """Feed the end of the assistant turn as the template writes it (and the reply's last token,
@@ -146,8 +149,9 @@ class Session:
         text = self.tokenizer.decode(reply_ids, skip_special_tokens=True)
         assistant = {"role": "assistant", "content": text}
         closed = self._render([user, assistant], False)
-        if text and text in closed:
-            tail = closed[closed.rfind(text) + len(text) :]
+        found = next((t for t in (text, text.strip()) if t and t in closed), None)
+        if found:
+            tail = closed[closed.rfind(found) + len(found) :]
         else:
             tail = closed[_common_prefix(closed, self._render([user], True)) :]
         if reply_ids and not stopped:

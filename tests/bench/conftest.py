@@ -1,8 +1,6 @@
-"""Shared fixtures of the benchmark tests: a tiny model, one thread, CSV and PNG readers."""
+"""Fixtures of the benchmark tests: a tiny model, one thread."""
 
 from __future__ import annotations
-
-import csv
 
 import pytest
 import torch
@@ -22,26 +20,3 @@ def one_thread():
 @pytest.fixture(scope="module")
 def llama():
     return tiny_model("llama")
-
-
-def _read_csv(path):
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f))
-    return rows[0], [dict(zip(rows[0], r)) for r in rows[1:]]
-
-
-def _assert_png(path):
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-
-
-@pytest.fixture
-def read_csv():
-    """``read_csv(path) -> (header, rows as dicts)``."""
-    return _read_csv
-
-
-@pytest.fixture
-def assert_png():
-    """``assert_png(path)``: the file is a PNG of some size."""
-    return _assert_png

@@ -272,15 +272,17 @@ def test_compiled_prepared_steps_equal_eager_without_recompiling():
     torch._dynamo.reset()
 
 
-def test_a_cache_longer_than_the_trained_length_warns():
-    config = tiny_config("llama", max_position_embeddings=64)
-    with pytest.warns(UserWarning, match="trained length"):
-        SinkCache(config, 4, 61)
+def test_a_cache_reaching_the_trained_length_warns():
     import warnings
 
+    from streamingllm.cache import TrainedLengthWarning
+
+    config = tiny_config("llama", max_position_embeddings=64)
+    with pytest.warns(TrainedLengthWarning, match="trained length"):
+        SinkCache(config, 4, 60)  # 64 tokens held: the next one sits at position 64, never trained
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        SinkCache(config, 4, 60)  # exactly the trained length: no warning
+        SinkCache(config, 4, 59)  # the next token at position 63, the last trained one: no warning
 
 
 def test_a_cache_too_large_for_memory_is_refused_before_allocating(monkeypatch):

@@ -45,31 +45,3 @@ def test_exact_prefill_on_the_default_model(smollm):
     a = prefill(model, SinkCache(model, 4, 32), ids, chunk_size=1, return_all_logits=True)
     b = prefill(model, SinkCache(model, 4, 32), ids, chunk_size=48, return_all_logits=True)
     assert (a - b).abs().max().item() <= 1e-3  # 30 layers of float32: a looser bound than tiny models
-
-
-def test_perplexity_cli_end_to_end(tmp_path, capsys):
-    """All four methods on a short text through the CLI: the summary, CSV and PNGs are written."""
-    import csv
-
-    from streamingllm.cli import main
-
-    book = tmp_path / "book.txt"
-    book.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
-                    "must be in want of a wife. " * 20)
-    out = tmp_path / "out"
-    argv = ["perplexity", str(book), "--num-tokens", "300", "--sink-size", "0", "4", "--cache-size", "48", "64",
-            "--recompute-every", "25", "--sink-text", "\\n", "--out", str(out)]
-    assert main(argv) == 0
-    table = capsys.readouterr().out
-    for label in ("dense", "window 0+48", "recompute 64", 'streaming 4"\\n"+60', "@recompute"):
-        assert label in table
-    with open(out / "nll.csv", newline="") as f:
-        rows = list(csv.DictReader(f))
-    labels = {r["label"] for r in rows}
-    assert len(labels) == 1 + 2 + 2 + 4 and len(rows) == 7 * 299 + 2 * len(range(25, 300, 25))
-    for name in ("curves.png", "sweep.png"):
-        assert (out / name).read_bytes()[:4] == b"\x89PNG"
-    # A repeated sentence is easy once seen: every method but dense at its start predicts it well.
-    with open(out / "summary.csv", newline="") as f:
-        summary = {r["label"]: float(r["ppl"]) for r in csv.DictReader(f)}
-    assert summary['streaming 4"\\n"+60'] < 3 and summary["dense"] < 3

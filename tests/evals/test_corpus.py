@@ -50,6 +50,7 @@ def fake_cache(tmp_path):
 
 
 def test_publication_order():
+    """The documented order (the order austen_text concatenates) is publication order, 1811-1817."""
     assert AUSTEN_NOVELS == (
         "sensesensibility", "prideprejudice", "mansfieldpark",
         "emma", "northangerabbey", "persuasion",

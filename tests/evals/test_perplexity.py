@@ -193,14 +193,14 @@ def test_evaluate_auto_recompute_step():
 
 def test_cache_beyond_trained_length_warns_once():
     model = tiny_model("llama", max_position_embeddings=32)
-    settings = make_settings(["window", "recompute", "streaming"], sink_size=[4], cache_size=[16, 40, 48])
+    settings = make_settings(["window", "recompute", "streaming"], sink_size=[4], cache_size=[16, 31, 32, 48])
     with pytest.warns(UserWarning) as caught:
         evaluate(model, text_ids(50), settings, chunk_size=32, recompute_every=10)
     messages = [str(w.message) for w in caught]
-    assert messages == ["cache sizes 40, 48 exceed the model's trained length 32: positions beyond it were never trained"]
+    assert messages == ["cache sizes 32, 48 reach the model's trained length 32: positions from 32 on were never trained"]
     with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        evaluate(model, text_ids(50), make_settings(["streaming", "dense"], cache_size=[32]), chunk_size=32)
+        warnings.simplefilter("error")  # 31 tokens held: the next token sits at position 31, the last trained one
+        evaluate(model, text_ids(50), make_settings(["streaming", "dense"], cache_size=[31]), chunk_size=32)
 
 
 def test_sink_tokens():

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import sys
 import time
 
 import torch
@@ -107,11 +106,3 @@ class Arm:
         held = self.n if self.state is None else held_tokens(self.state)
         if held != self.n:
             raise RuntimeError(f"{self.method} arm holds {held} tokens, expected {self.n}")
-
-
-def progress_bar(total: int, desc: str, enabled: bool, unit: str):
-    """A tqdm bar on stderr (disabled unless ``enabled``)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not enabled, dynamic_ncols=True,
-                mininterval=0.5)

@@ -15,7 +15,8 @@ import torch
 from ..checks import ArgumentError, check_choice, check_choices, check_int, check_int_list
 from ..compat import vocab_size
 from ..memory import MIB, PeakMemory, release_freed_memory, storage_bytes
-from .arms import Arm, Forward, progress_bar
+from ..report import progress_bar
+from .arms import Arm, Forward
 from .stats import add_ratios, latency_stats
 
 METHODS = ("streaming", "streaming-compiled", "dense", "recompute")
@@ -93,7 +94,7 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
     counts = {m: a["recompute_steps"] if m == "recompute" else a["steps"] for m in a["methods"]}
     warms = {m: min(max(a["warmup"], 1), 2) if m == "recompute" else max(a["warmup"], 1) for m in a["methods"]}
     methods_now, rows = list(a["methods"]), []  # the compiled arm leaves when compilation fails
-    bar = progress_bar(len(a["sizes"]) * sum(counts[m] + warms[m] for m in methods_now), "decode", progress, "step")
+    bar = progress_bar(len(a["sizes"]) * sum(counts[m] + warms[m] for m in methods_now), "decode", "step", progress)
     try:
         for n in a["sizes"]:
             if "streaming-compiled" in methods_now:  # a fresh compiled forward per size (shapes differ)

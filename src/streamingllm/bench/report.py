@@ -166,6 +166,10 @@ def machine_info(model, device) -> str:
         except OSError:
             pass
         where = f"CPU {cpu}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()}"
-    load = f", loadavg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
     return (f"{where} | torch {torch.__version__} | transformers {transformers.__version__} | "
-            f"{model.config.model_type} {model.config.num_hidden_layers} layers, {model.dtype}{load}")
+            f"{model.config.model_type} {model.config.num_hidden_layers} layers, {model.dtype}{load_average()}")
+
+
+def load_average() -> str:
+    """``", loadavg X"`` (the 1-minute load: other work on the machine skews timings), or ''."""
+    return f", loadavg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""

@@ -12,11 +12,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..cache import SinkCache
+from ..cache import SinkCache, check_cache_sizes
 from ..checks import ArgumentError, ArgumentTypeError, check_choice, check_choices, check_int, check_optional_int
 from ..compat import new_dense_cache, vocab_size
 from ..memory import MIB, cuda_allocated_bytes, release_freed_memory, rss_bytes, storage_layout
-from .arms import Forward, held_tokens, progress_bar
+from ..report import progress_bar
+from .arms import Forward, held_tokens
 from .stats import latency_stats
 
 STREAM_METHODS = ("streaming", "dense")
@@ -36,11 +37,12 @@ def check_stream_args(
     """
     if not isinstance(compile, bool):
         raise ArgumentTypeError("compile", "must be True or False", compile)
+    sink_size, window_size = check_cache_sizes(sink_size, window_size)
     a = dict(num_tokens=check_int("num_tokens", num_tokens, 1), sample_every=check_int("sample_every", sample_every, 1),
              max_dense_tokens=check_optional_int("max_dense_tokens", max_dense_tokens, 0),
              mode=check_choice("mode", mode, MODES), methods=check_choices("methods", methods, STREAM_METHODS),
-             sink_size=check_int("sink_size", sink_size, 0), window_size=check_int("window_size", window_size, 1),
-             chunk_size=check_int("chunk_size", chunk_size, 1), compile=compile)
+             sink_size=sink_size, window_size=window_size, chunk_size=check_int("chunk_size", chunk_size, 1),
+             compile=compile)
     if a["chunk_size"] > 1 and a["mode"] != "teacher-forced":
         raise ArgumentError("chunk_size", "must be 1 in generate mode (chunks need mode 'teacher-forced')", chunk_size)
     full = a["sink_size"] + a["window_size"]
@@ -192,7 +194,7 @@ def _stream_arm(fwd: Forward, cache, method: str, ids: torch.Tensor, limit: int,
         if generate:
             step_ids[:, 0] = logits[:, -1].argmax(-1)
 
-    bar, done, next_sample = progress_bar(limit, f"stream {method}", progress, "tok"), 0, k
+    bar, done, next_sample = progress_bar(limit, f"stream {method}", "tok", progress), 0, k
     t_start = time.perf_counter()
     try:
         while done < limit:

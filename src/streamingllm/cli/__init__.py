@@ -1,7 +1,8 @@
 """The ``streamingllm`` command line: thin adapters that parse flags, call the library and print.
 
-Each command lives with what it drives: ``generate`` and ``chat`` here (over the core),
-``perplexity`` in :mod:`streamingllm.evals.cli`, ``bench`` in :mod:`streamingllm.bench.cli`.
+One module per command: ``generate`` and ``chat`` (over the core), ``perplexity`` (over
+:mod:`streamingllm.evals`) and ``bench`` (over :mod:`streamingllm.bench`); ``options`` holds the
+options they share. The library never imports this package.
 Errors are one line on stderr and exit status 2; library messages name the Python parameter and
 are shown with the matching flag.
 """
@@ -31,14 +32,12 @@ commands:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..bench import cli as bench_cli
-    from ..evals import cli as evals_cli
-    from . import chat, generate
+    from . import bench, chat, generate, perplexity
 
     parser = argparse.ArgumentParser(prog="streamingllm", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"streamingllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate, chat, evals_cli, bench_cli):
+    for module in (generate, chat, perplexity, bench):
         module.register(sub)
     return parser
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import sys
 
-from ..checks import check_int
-from .options import add_cache_options, add_generation_options, add_model_options, add_parser, load_model, sampling_from_args
+from .options import (add_cache_options, add_generation_options, add_model_options, add_parser,
+                      check_generation_options, load_model)
 
 
 def register(sub) -> None:
@@ -18,12 +18,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..cache import check_cache_sizes
     from ..session import Session
 
-    sampling = sampling_from_args(args)
-    check_cache_sizes(args.sink_size, args.window_size)
-    check_int("max_new_tokens", args.max_new_tokens, 1)
+    sampling = check_generation_options(args, min_new_tokens=1)
     model, tokenizer = load_model(args)
     session = Session(model, tokenizer, args.sink_size, args.window_size, system=args.system, sampling=sampling,
                       max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size)

@@ -6,8 +6,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..checks import ArgumentError, check_int
-from .options import add_cache_options, add_generation_options, add_model_options, add_parser, load_model, sampling_from_args
+from ..checks import ArgumentError
+from .options import (add_cache_options, add_generation_options, add_model_options, add_parser,
+                      check_generation_options, load_model)
 
 STATS_EVERY = 256  # tokens between --stats lines
 
@@ -49,17 +50,13 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 
 def run(args) -> int:
-    from tqdm import tqdm
-
-    from ..cache import SinkCache, check_cache_sizes
+    from ..cache import SinkCache
     from ..feed import generate_tokens
     from ..memory import MIB, rss_bytes
+    from ..report import progress_bar
     from ..session import TextDecoder, stop_token_ids
 
-    sampling = sampling_from_args(args)  # every flag is checked before the model is loaded
-    check_cache_sizes(args.sink_size, args.window_size)
-    check_int("max_new_tokens", args.max_new_tokens, 0)
-    check_int("chunk_size", args.chunk_size, 1)
+    sampling = check_generation_options(args)  # every flag is checked before the model is loaded
     text = read_prompt(args.prompt, args.prompt_file)
     model, tokenizer = load_model(args)
     cache = SinkCache(model, sink_size=args.sink_size, window_size=args.window_size)
@@ -71,8 +68,7 @@ def run(args) -> int:
     else:
         ids = tokenizer(text, return_tensors="pt").input_ids[0]
     stops = stop_token_ids(tokenizer) if args.chat_template and not args.ignore_eos else frozenset()
-    bar = tqdm(total=len(ids), desc="prefill", unit="tok", file=sys.stderr, leave=False,
-               disable=len(ids) <= args.chunk_size)
+    bar = progress_bar(len(ids), "prefill", enabled=len(ids) > args.chunk_size, leave=False)
     clock = {"start": time.perf_counter()}
 
     def prefilled(done: int) -> None:

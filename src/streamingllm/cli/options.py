@@ -59,8 +59,14 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chunk-size", type=int, default=256, help="prompt tokens per forward pass")
 
 
-def sampling_from_args(args):
-    """The :class:`~streamingllm.feed.Sampling` the flags ask for (checked before any loading)."""
+def check_generation_options(args, min_new_tokens: int = 0):
+    """Check the options of :func:`add_cache_options` and :func:`add_generation_options` before
+    anything is loaded; returns the :class:`~streamingllm.feed.Sampling` they ask for."""
+    from ..cache import check_cache_sizes
+    from ..checks import check_int
     from ..feed import Sampling
 
+    check_cache_sizes(args.sink_size, args.window_size)
+    check_int("max_new_tokens", args.max_new_tokens, min_new_tokens)
+    check_int("chunk_size", args.chunk_size, 1)
     return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)

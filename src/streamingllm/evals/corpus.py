@@ -296,7 +296,8 @@ class TextSource:
         if len(given) != 1:
             raise CorpusError(
                 "give exactly one text source: text files ('-' = stdin), a corpus "
-                f"({', '.join(CORPORA)}) or a Hugging Face dataset; got {' and '.join(given) or 'none'}"
+                f"(--corpus {'/'.join(CORPORA)}) or a Hugging Face dataset (--dataset NAME); "
+                f"got {' and '.join(given) or 'none'}"
             )
 
     @property

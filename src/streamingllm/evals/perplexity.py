@@ -39,7 +39,7 @@ from ..cache import SinkCache, TrainedLengthWarning
 from ..checks import ArgumentError, check_choices, check_int, check_int_list, check_optional_int
 from ..compat import cache_kwargs, new_dense_cache
 from ..feed import iter_chunks
-from ..models import trained_length
+from ..families import past_trained_length
 
 METHODS: tuple[str, ...] = ("dense", "window", "recompute", "streaming")
 
@@ -236,15 +236,15 @@ def recompute_step(n_tokens: int, recompute_every: int | str = "auto") -> int:
 
 
 def check_trained_length(model, settings: Sequence[Setting]) -> None:
-    """Warn (one line) when a setting's cache is larger than the model's trained length: its tokens
-    would sit at positions the model never saw in training."""
-    trained = trained_length(model)
-    over = sorted({s.cache_size for s in settings if s.cache_size is not None and s.cache_size > (trained or math.inf)})
+    """Warn (one line) when a setting's cache reaches the model's trained length: its next token
+    would sit at a position the model never saw in training."""
+    over = {s.cache_size: past_trained_length(model, s.cache_size) for s in settings if s.cache_size is not None}
+    over = {size: trained for size, trained in over.items() if trained is not None}
     if over:
-        sizes = ", ".join(map(str, over))
-        warnings.warn(f"cache size{'s' if len(over) > 1 else ''} {sizes} exceed{'s' if len(over) == 1 else ''} the "
-                      f"model's trained length {trained}: positions beyond it were never trained", TrainedLengthWarning,
-                      stacklevel=3)
+        sizes, trained = ", ".join(map(str, sorted(over))), next(iter(over.values()))
+        warnings.warn(f"cache size{'s' if len(over) > 1 else ''} {sizes} reach{'' if len(over) > 1 else 'es'} the "
+                      f"model's trained length {trained}: positions from {trained} on were never trained",
+                      TrainedLengthWarning, stacklevel=3)
 
 
 @contextmanager
@@ -385,7 +385,8 @@ def evaluate(
     if max_dense_tokens is not None and any(s.method == "dense" for s in settings) and len(ids) > max_dense_tokens:
         raise ArgumentError(
             "max_dense_tokens", f"is below the text's {len(ids)} tokens: dense attention's KV cache grows with the "
-            "text; lower num_tokens, raise max_dense_tokens, or drop dense", max_dense_tokens)
+            "text; lower num_tokens, raise max_dense_tokens, or drop dense", max_dense_tokens,
+            mentions=("num_tokens", "max_dense_tokens"))
     with _trained_length_said_once():
         for s in settings:  # fail before hours of work, not after
             if s.method in ("window", "streaming"):

@@ -1,4 +1,4 @@
-"""``streamingllm perplexity``: a thin adapter over :mod:`.perplexity`, :mod:`.corpus` and :mod:`.report`.
+"""``streamingllm perplexity``: a thin adapter over :mod:`streamingllm.evals` (perplexity, corpus, report).
 
 Every option is checked by the library before the text is read or the model loaded; the
 command line's ``main`` shows a bad value as one line naming its flag.
@@ -9,12 +9,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..cli.options import add_model_options, add_parser, load_model
-from ..models import trained_length
-from .corpus import CORPORA, TextSource, check_window, tokenize_window
-from .perplexity import (AUTO_RECOMPUTE_TOKENS, METHODS, check_options, evaluate, make_settings, recompute_step,
+from ..report import progress_bar, pyplot
+from .options import add_model_options, add_parser, load_model
+from ..families import trained_length
+from ..evals.corpus import CORPORA, TextSource, check_window, tokenize_window
+from ..evals.perplexity import (AUTO_RECOMPUTE_TOKENS, METHODS, check_options, evaluate, make_settings, recompute_step,
                          sink_tokens, summarize)
-from .report import format_summary, ordinal, plot_curves, plot_sweep, write_nll_csv, write_summary_csv
+from ..evals.report import format_summary, ordinal, plot_curves, plot_sweep, write_nll_csv, write_summary_csv
 
 DESCRIPTION = """\
 Score a long text with dense attention, window attention, sliding window with re-computation
@@ -72,10 +73,7 @@ def register(sub) -> None:
 
 
 def _progress_bar(setting, total):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=setting.label, unit="tok", file=sys.stderr,
-                mininterval=1 if sys.stderr.isatty() else 15)
+    return progress_bar(total, setting.label)
 
 
 def _model_name(model: str) -> str:
@@ -92,6 +90,7 @@ def run(args) -> int:
                   max_dense_tokens=args.max_dense_tokens, segment_tokens=args.segment_tokens, smooth=args.smooth,
                   sink_text=args.sink_text)
     make_settings(args.methods, args.sink_size, args.window_size, args.cache_size)
+    pyplot()  # the plots' extra, before hours of work rather than after
     args.out.mkdir(parents=True, exist_ok=True)
     text = source.read(None if num_tokens is None else offset + num_tokens)
 

@@ -29,8 +29,9 @@ from streamingllm.cli.generate import read_prompt
         (["generate", "hi", "--model", "/nonexistent/model.gguf"], "model file not found"),
         (["generate", "hi", "--model", "./no/such/folder"], "not found"),
         (["generate", "hi", "--device", "tpu"], "--device must be one of cpu, cuda"),
-        (["generate", "hi", "--device", "cuda:7"], "--device"),
+        (["generate", "hi", "--device", "cuda:7"], "got 'cuda:7'"),  # no CUDA here, or no 8th GPU
         (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
+        (["chat", "--chunk-size", "0", "--model", "/nonexistent/x.gguf"], "--chunk-size must be an integer >= 1"),
         (["chat", "--window-size", "-3"], "--window-size must be an integer >= 1"),
     ],
 )
@@ -94,4 +95,4 @@ def test_generate_streams_past_the_cache_on_the_default_model():
 def test_a_cache_too_large_for_memory_is_refused_before_allocating(capsys):
     assert main(["generate", "hi", "--window-size", "10000000000", "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
-    assert "GiB" in err and "lower window_size" in err and "Traceback" not in err
+    assert "GiB" in err and "lower --window-size" in err and "Traceback" not in err

@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 
-import streamingllm.evals.cli as evals_cli
+import streamingllm.cli.perplexity as perplexity_cli
 from streamingllm.cli import main
 from streamingllm.evals import corpus
 from tiny import VOCAB, tiny_model
@@ -20,7 +20,7 @@ def _must_not_run(*args, **kwargs):
 
 @pytest.fixture
 def nothing_loaded(monkeypatch):
-    monkeypatch.setattr(evals_cli, "load_model", _must_not_run)
+    monkeypatch.setattr(perplexity_cli, "load_model", _must_not_run)
     monkeypatch.setattr(corpus, "austen_text", _must_not_run)
 
 
@@ -50,8 +50,8 @@ AUSTEN = ["perplexity", "--corpus", "austen"]
         (AUSTEN + ["--smooth", "0"], "--smooth must be an integer >= 1, got 0"),
         (AUSTEN + ["--sink-text", ""], "--sink-text must be the text whose tokens become the sinks"),
         (["perplexity"], "give exactly one text source"),
-        (AUSTEN + ["book.txt"], "give exactly one text source: text files ('-' = stdin), a corpus (austen) or a "
-                                "Hugging Face dataset; got files and corpus"),
+        (AUSTEN + ["book.txt"], "give exactly one text source: text files ('-' = stdin), a corpus (--corpus austen) "
+                                "or a Hugging Face dataset (--dataset NAME); got files and corpus"),
     ],
 )
 def test_bad_input_is_one_line_naming_the_flag(argv, message, capsys, nothing_loaded):
@@ -60,7 +60,7 @@ def test_bad_input_is_one_line_naming_the_flag(argv, message, capsys, nothing_lo
 
 
 def test_unreadable_and_empty_files(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evals_cli, "load_model", _must_not_run)
+    monkeypatch.setattr(perplexity_cli, "load_model", _must_not_run)
     assert main(["perplexity", "/nonexistent/book.txt", "--out", str(tmp_path)]) == 2
     assert "cannot read text file /nonexistent/book.txt" in one_line_error(capsys)
     empty = tmp_path / "empty.txt"
@@ -72,11 +72,17 @@ def test_unreadable_and_empty_files(tmp_path, capsys, monkeypatch):
 def test_offline_hub_dataset(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(evals_cli, "load_model", _must_not_run)
+    monkeypatch.setattr(perplexity_cli, "load_model", _must_not_run)
     argv = ["perplexity", "--dataset", "no-such-org/no-such-dataset", "--num-tokens", "100", "--out", str(tmp_path)]
     assert main(argv) == 2
     err = one_line_error(capsys)
-    assert "no-such-org/no-such-dataset" in err and ("streamingllm[hub]" in err or "hub" in err)
+    assert "no-such-org/no-such-dataset" in err
+    try:
+        import datasets  # noqa: F401  (the hub extra)
+    except ImportError:
+        assert "need the optional package 'datasets': pip install 'streamingllm[hub]'" in err
+    else:
+        assert "offline" in err.lower() or "could not" in err.lower()
 
 
 class CharTokenizer:
@@ -91,15 +97,15 @@ class CharTokenizer:
 
 def test_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     model = tiny_model("llama", max_position_embeddings=28)
-    monkeypatch.setattr(evals_cli, "load_model", lambda args: (model, CharTokenizer()))
+    monkeypatch.setattr(perplexity_cli, "load_model", lambda args: (model, CharTokenizer()))
     titles = []
-    real_plot = evals_cli.plot_curves
+    real_plot = perplexity_cli.plot_curves
 
     def plot_curves(*args, **kwargs):
         titles.append(kwargs["title"])
         return real_plot(*args, **kwargs)
 
-    monkeypatch.setattr(evals_cli, "plot_curves", plot_curves)
+    monkeypatch.setattr(perplexity_cli, "plot_curves", plot_curves)
     book = tmp_path / "deep" / "folder" / "book.txt"
     book.parent.mkdir(parents=True)
     book.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune. " * 3)
@@ -111,8 +117,8 @@ def test_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     for label in ("dense", "window 0+24", "recompute 32", 'streaming 4"\\n"+28', "@recompute", "every 5th token"):
         assert label in captured.out
     warning = [line for line in captured.err.splitlines() if "warning" in line]
-    assert warning == ["streamingllm: warning: cache size 32 exceeds the model's trained length 28: "
-                       "positions beyond it were never trained"]
+    assert warning == ["streamingllm: warning: cache size 32 reaches the model's trained length 28: "
+                       "positions from 28 on were never trained"]
     assert titles == ["smollm2-135m on book.txt: 120 tokens"]  # the file's name, not its folders
     with open(out / "nll.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -121,3 +127,28 @@ def test_end_to_end_on_a_tiny_model(tmp_path, monkeypatch, capsys):
     assert f"wrote {', '.join(written)}" in captured.err
     for name in ("curves.png", "sweep.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.slow
+def test_perplexity_cli_end_to_end(tmp_path, capsys):
+    """All four methods on a short text through the CLI: the summary, CSV and PNGs are written."""
+    book = tmp_path / "book.txt"
+    book.write_text("It is a truth universally acknowledged, that a single man in possession of a good fortune, "
+                    "must be in want of a wife. " * 20)
+    out = tmp_path / "out"
+    argv = ["perplexity", str(book), "--num-tokens", "300", "--sink-size", "0", "4", "--cache-size", "48", "64",
+            "--recompute-every", "25", "--sink-text", "\\n", "--out", str(out)]
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    for label in ("dense", "window 0+48", "recompute 64", 'streaming 4"\\n"+60', "@recompute"):
+        assert label in table
+    with open(out / "nll.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    labels = {r["label"] for r in rows}
+    assert len(labels) == 1 + 2 + 2 + 4 and len(rows) == 7 * 299 + 2 * len(range(25, 300, 25))
+    for name in ("curves.png", "sweep.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    # A repeated sentence is easy once seen: every method but dense at its start predicts it well.
+    with open(out / "summary.csv", newline="") as f:
+        summary = {r["label"]: float(r["ppl"]) for r in csv.DictReader(f)}
+    assert summary['streaming 4"\\n"+60'] < 3 and summary["dense"] < 3

@@ -7,7 +7,6 @@ library's own checks speak for them; only the command's own flags are checked he
 from __future__ import annotations
 
 import inspect
-import os
 import sys
 import time
 from pathlib import Path
@@ -15,11 +14,11 @@ from pathlib import Path
 import torch
 
 from ..checks import ArgumentError, check_int
-from ..cli.options import add_cache_options, add_model_options, add_parser, load_model
-from ..report import write_csv
-from .decode import DECODE_COLUMNS, METHODS, bench_decode, check_decode_args
-from .report import decode_table, machine_info, plot_decode, plot_stream, stream_table
-from .stream import STREAM_COLUMNS, STREAM_METHODS, bench_stream, check_stream_args
+from .options import add_cache_options, add_model_options, add_parser, load_model
+from ..report import pyplot, write_csv
+from ..bench.decode import DECODE_COLUMNS, METHODS, bench_decode, check_decode_args
+from ..bench.report import decode_table, load_average, machine_info, plot_decode, plot_stream, stream_table
+from ..bench.stream import STREAM_COLUMNS, STREAM_METHODS, bench_stream, check_stream_args
 
 
 def register(sub) -> None:
@@ -87,6 +86,7 @@ def run(args) -> int:
     check = check_decode_args if args.what == "decode" else check_stream_args
     a = check(**{k: getattr(args, k) for k in inspect.signature(check).parameters})  # before loading anything
     text = _read_text(args) if args.what == "stream" else None
+    pyplot()  # the plots' extra, before the run rather than after
     if args.threads is not None:
         torch.set_num_threads(check_int("threads", args.threads, 1))
     out = Path(args.out)
@@ -116,6 +116,5 @@ def run(args) -> int:
         print(stream_table(result))
         files = [write_csv(result.rows, out / "stream.csv", STREAM_COLUMNS),
                  plot_stream(result.rows, out / "stream.png", title)]
-    load = f", loadavg {os.getloadavg()[0]:.2f}" if hasattr(os, "getloadavg") else ""
-    print(f"done in {time.perf_counter() - t0:.1f} s{load}; wrote {', '.join(str(f) for f in files)}")
+    print(f"done in {time.perf_counter() - t0:.1f} s{load_average()}; wrote {', '.join(str(f) for f in files)}")
     return 0
