@@ -12,6 +12,7 @@ from .cache import SinkCache
 from .families import UnsupportedModelError, supported_families
 from .feed import Sampling, generate_tokens, iter_chunks, prefill
 from .models import load
+from .session import Session
 
 __all__ = [
     "SinkCache",
@@ -22,6 +23,7 @@ __all__ = [
     "prefill",
     "iter_chunks",
     "load",
+    "Session",
 ]
 
 try:

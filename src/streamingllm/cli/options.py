@@ -1,4 +1,5 @@
-"""Options shared by several commands, defined once: the model, its dtype and device, and the
+"""Options shared by several commands, defined once: the model, its dtype and device; the cache
+sizes and the sampling of ``generate`` and ``chat`` (checked before anything is loaded); and the
 help formatter that shows every default."""
 
 from __future__ import annotations
