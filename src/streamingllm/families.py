@@ -13,6 +13,8 @@ from typing import Literal
 
 import torch
 
+from .compat import text_config
+
 PositionKind = Literal["rope", "alibi"]
 
 
@@ -140,8 +142,7 @@ def alibi_limit(config, family: Family) -> int | None:
 def trained_length(config) -> int | None:
     """The context length the model was trained for, in tokens (``max_position_embeddings``, or
     MPT's ``max_seq_len``), if its config states one. Positions ``0 .. trained_length - 1`` were trained."""
-    config = getattr(config, "config", config)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    config = text_config(getattr(config, "config", config))
     n = getattr(config, "max_position_embeddings", None) or getattr(config, "max_seq_len", None)
     return int(n) if n else None
 

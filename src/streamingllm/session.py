@@ -12,6 +12,7 @@ leading spaces) at a constant cost per token.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 from .cache import SinkCache
@@ -57,11 +58,8 @@ class TextDecoder:
 
 
 def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    """Length of the longest common prefix of ``a`` and ``b``."""
+    return len(os.path.commonprefix([a, b]))
 
 
 class Session:
