@@ -10,15 +10,18 @@ from importlib import metadata as _metadata
 
 from .cache import SinkCache
 from .families import UnsupportedModelError, supported_families
-from .feed import Sampling, generate_tokens, iter_chunks, prefill
+from .timeline import ApproximateChunkError
+from .feed import Sampling, generate, generate_tokens, iter_chunks, prefill
 from .models import load
 from .session import Session
 
 __all__ = [
     "SinkCache",
     "UnsupportedModelError",
+    "ApproximateChunkError",
     "supported_families",
     "Sampling",
+    "generate",
     "generate_tokens",
     "prefill",
     "iter_chunks",

@@ -18,17 +18,22 @@ Where things happen (details in docs/design.md):
   contiguous in the stream, so a window key's distance to the query never changes and it
   keeps the model's rotation; only the sinks' distance changes, so only the sink keys are
   rotated, once per step, from a stored copy (:class:`SinkKeys`, never rotated twice, angles in
-  float64 from integer differences). When the caller rebases its positions (see
-  ``get_seq_length``) the stored window is rotated once to follow.
+  float64 from integer differences). When the caller rebases its positions (the library's own
+  loops do, see :meth:`SinkCache.position_ids`) the stored window is rotated once to follow.
+* **What the model is told**: ``get_seq_length()`` is the number of tokens consumed, as
+  transformers expects (``generate()`` slices the new tokens of a conversation with it, and
+  models without position ids put the next token there).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
+from .attention import attach_band, is_sink_attention, use_sink_attention
 from .checks import ArgumentError, check_int
 from .compat import text_config
 from .families import (Family, UnsupportedModelError, alibi_limit, family_of, past_trained_length, rope_inv_freq,
@@ -156,7 +161,7 @@ class SinkLayer(StaticLayer):
             self.sink_values[:, :, s0 : s0 + k].copy_(value_states[:, :, :k])
 
     def get_seq_length(self) -> int:
-        return self.timeline.suggested_position()
+        return self.timeline.seen
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.timeline.length + query_length, 0
@@ -248,16 +253,27 @@ class SinkCache(Cache):
             of copying; the window is copied back once every ``slack`` tokens. Default
             ``max(64, window_size // 4)``. RoPE families decode in a ring of exactly
             ``sink_size + window_size + 1`` slots and need none.
-        rebase_every: how far (tokens) the positions given to the model may run ahead of the
-            in-cache positions before ``get_seq_length`` suggests a rebase. Default
-            ``max(window_size, 256)``; keeps the positions the model computes below about
-            ``2 * (sink_size + window_size) + 256``.
+        rebase_every: how far (tokens) the stream's positions may run ahead of the in-cache
+            positions before :meth:`position_ids` moves them back (a rebase). Default
+            ``max(window_size, 256)``; keeps the positions the library's loops give the model
+            below about ``2 * (sink_size + window_size) + 256``.
+        fast_chunks: accept forwards of several tokens that overflow the window with the model's
+            plain causal mask (a long prompt through ``model.generate``): cheaper, but a token
+            then also sees up to ``q - 1`` older window tokens, with the sinks one position
+            further away per such token (see docs/design.md). Default False: such a forward is
+            refused with :class:`~streamingllm.timeline.ApproximateChunkError`.
 
     A cache larger than the model's trained length is accepted with a warning (positions past
     it were never trained). Buffers are allocated on the first forward, after checking that they
     fit in the device's available memory (:class:`CacheTooLargeError` otherwise).
 
-    Usage: ``model(input_ids, cache=c)``, ``model.generate(..., cache=c)`` or a manual loop.
+    Usage: ``model(input_ids, cache=c)``, ``model.generate(..., cache=c)`` (also multi-turn:
+    pass the whole conversation and the same cache; only the new tokens are fed), or the
+    library's loops (:func:`~streamingllm.feed.generate_tokens`, :func:`~streamingllm.feed.generate`).
+    A forward whose tokens would see more than the window under the model's causal mask (a long
+    prompt in one piece) is refused unless it comes with :meth:`exact_chunk_mask` or after
+    :meth:`allow_fast_chunk`; :func:`~streamingllm.feed.generate` and
+    :func:`~streamingllm.feed.prefill` handle this for you.
     """
 
     def __init__(
@@ -268,6 +284,7 @@ class SinkCache(Cache):
         *,
         slack: int | None = None,
         rebase_every: int | None = None,
+        fast_chunks: bool = False,
     ):
         sink_size, window_size = check_cache_sizes(sink_size, window_size)
         slack = max(64, window_size // 4) if slack is None else check_int("slack", slack, 0)
@@ -278,6 +295,10 @@ class SinkCache(Cache):
         config = text_config(config)
         family = family_of(config)
         _check_fits(config, family, sink_size, window_size)
+        _check_attention(config)
+        if isinstance(model_or_config, torch.nn.Module) and family.attention_interface:
+            use_sink_attention(model_or_config)
+        self.config = config
         self.family: Family = family
         self.sink_size, self.window_size = sink_size, window_size
         rope = family.positions == "rope"
@@ -290,11 +311,15 @@ class SinkCache(Cache):
             rotates=rope,
             follows_positions=family.positions_visible,
             rebase_every=rebase_every,
+            fast_chunks=bool(fast_chunks),
         )
         self.num_layers = config.num_hidden_layers
         self.sinks = SinkKeys(rotator)
         self._step: Step | None = None
+        self._band: torch.Tensor | None = None  # this forward's exact band mask, for sink-aware attention
+        self._next_layer = 0  # the layer whose update the running forward calls next
         self._prepared = False  # prepare_decode_step() did the bookkeeping of the next forward
+        self._undo: tuple[Timeline, RingStep, int] | None = None  # the timeline before that step, the step, its position
         self._slot: torch.Tensor | None = None  # (1,) int64: buffer slot of the prepared step's token
         self._position: torch.Tensor | None = None  # (1, 1) int64: its position id
         if rope:
@@ -307,22 +332,47 @@ class SinkCache(Cache):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         """Store the new keys/values of layer ``layer_idx`` and return those to attend to."""
+        if layer_idx == 0:
+            self._begin_forward(key_states, kwargs)
+        elif layer_idx != self._next_layer:
+            raise RuntimeError(f"SinkCache: update() for layer {layer_idx} while layer {self._next_layer} was expected; "
+                               "a forward runs every layer in order, starting at layer 0")
+        self._next_layer = (layer_idx + 1) % self.num_layers
         if self._prepared:  # static step: no Python-side decision, shapes never change
-            if key_states.shape[-2] != 1:
-                raise ValueError("prepare_decode_step() prepared a single-token step; this forward has "
-                                 f"{key_states.shape[-2]} tokens")
             layer = self.layers[layer_idx]
             layer.keys.index_copy_(2, self._slot, key_states)
             layer.values.index_copy_(2, self._slot, value_states)
             if layer_idx == self.num_layers - 1:
-                self._prepared = False
+                self._prepared, self._undo = False, None
             return layer.keys, layer.values
-        if layer_idx == 0:
-            if self.sinks.keys is None:
-                self._allocate(key_states)
-            self._step = self.timeline.plan(key_states.shape[-2], _first_position(kwargs, key_states.shape[0]))
-            self._rotate_all_sinks(self._step)
-        return self.layers[layer_idx].update(key_states, value_states, self._step)
+        keys, values = self.layers[layer_idx].update(key_states, value_states, self._step)
+        if self._band is not None:
+            attach_band(keys, self._band)
+        return keys, values
+
+    def _begin_forward(self, key_states: torch.Tensor, kwargs: dict) -> None:
+        """Layer 0 of a forward: plan it, unless prepare_decode_step() planned it already and this
+        forward is the one it was prepared for."""
+        if self._next_layer != 0:  # the previous forward stopped part-way (an exception)
+            if not self._prepared:
+                raise RuntimeError(
+                    f"SinkCache: the previous forward stopped after layer {self._next_layer - 1} of "
+                    f"{self.num_layers}, so the cache holds its tokens in some layers only; call reset()")
+            self._rollback()
+        if self._prepared:
+            if key_states.shape[-2] == 1 and (torch.compiler.is_compiling() or self._position_matches(kwargs)):
+                return  # the forward that was prepared
+            self._rollback()  # another forward: plan it as it is
+        p0 = _first_position(kwargs, key_states.shape[0])
+        if self.sinks.keys is None:
+            self._allocate(key_states)
+        q, t = key_states.shape[-2], self.timeline
+        self._band = None
+        if (t.overflows(q) and not (t.exact_next or t.fast_next or t.fast_chunks) and t.n_sink == t.sink_size
+                and self.family.positions == "rope" and is_sink_attention(self.config)):
+            self._band = self.exact_chunk_mask(q, key_states.dtype, key_states.device)  # a new turn, say
+        self._step = self.timeline.plan(q, p0)
+        self._rotate_all_sinks(self._step)
 
     def _allocate(self, key_states: torch.Tensor) -> None:
         """Allocate the cache-wide tensors, after checking that all the buffers fit."""
@@ -371,14 +421,25 @@ class SinkCache(Cache):
         per token, so the forward can be compiled with ``torch.compile(model.forward)``.
         The results are identical to an ordinary step.
 
+        The step is undone, and the forward planned as usual, when the forward that follows is not
+        the one prepared (several tokens, or other position ids than the returned ones) or when an
+        earlier prepared forward stopped part-way (an exception). Families whose position ids do
+        not reach the cache get the position the model computes by itself (``get_seq_length()``).
+
         Returns None (nothing done) when the next step cannot be prepared -- the cache is not full
         yet, or the family is ALiBi: call the model without position ids then.
         """
         t = self.timeline
+        if self._prepared:
+            self._rollback()
+        if self._next_layer != 0:
+            return None  # an ordinary forward stopped part-way: the next one reports it
         if not (t.ring_capable and self.sinks.keys is not None and t.n_sink == t.sink_size and t.window == t.window_size):
             return None
-        p = t.suggested_position()
+        before = dataclasses.replace(t)
+        p = t.next_position()
         step = t.plan(1, p)
+        self._undo = (before, step, p)
         self._rotate_all_sinks(step)
         for layer in self.layers:
             layer.prepare_ring(step)
@@ -386,6 +447,48 @@ class SinkCache(Cache):
         self._position.fill_(p)
         self._prepared = True
         return self._position
+
+    def _position_matches(self, kwargs: dict) -> bool:
+        """The forward gives the prepared position (or none, for families whose positions the model
+        takes from ``get_seq_length()``, which is the prepared one there)."""
+        p0 = _first_position(kwargs, 1)
+        return p0 is None or p0 == self._undo[2]
+
+    def _rollback(self) -> None:
+        """Undo a prepared step whose forward did not run (or not to the end): the timeline goes
+        back to before it, the ring is rotated back if the step moved the frame, and the sinks are
+        rewritten at the next step. The prepared token's slot was free, so writes to it harm nothing."""
+        before, step, _ = self._undo
+        if step.shift:
+            for layer in self.layers:
+                ring = layer.keys.narrow(2, step.n_sink, self.timeline.window_size + 1)
+                layer.rotator.rotate_by(ring, (-step.shift,), out=ring)
+        for field in dataclasses.fields(Timeline):
+            setattr(self.timeline, field.name, getattr(before, field.name))
+        self.timeline.sinks_in_buffer = None
+        self.sinks.rotated_for = None
+        self._prepared, self._undo, self._next_layer = False, None, 0
+
+    def position_ids(self, q: int, device=None) -> torch.Tensor | None:
+        """Position ids (1, q) for the next forward of ``q`` tokens, as the library's loops pass them.
+
+        They follow the stream, and move back to the in-cache positions once they have run
+        ``rebase_every`` tokens ahead (families whose position ids reach the cache), so the angles
+        the model computes stay small however long the stream. None for ALiBi families (no
+        positions). Passing none at all is exact too: the model then uses ``get_seq_length()``.
+        """
+        if self.family.positions != "rope":
+            return None
+        if self._prepared and q != 1:
+            self._rollback()
+        p = self.timeline.next_position() if self._undo is None else self._undo[2]
+        return torch.arange(p, p + q, device=device)[None]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Tokens of the stream consumed so far (before a prepared step's forward runs); the
+        cached tokens for families that size their ALiBi bias from it (Falcon with ALiBi)."""
+        t = self._settled()
+        return t.length if self.family.bias_from_seq_length else t.seen
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         """In-cache index of the first new token (the attention mask is built in cache order)."""
@@ -395,23 +498,34 @@ class SinkCache(Cache):
         super().reset()
         self.timeline.reset()
         self.sinks.rotated_for = None
-        self._prepared = False
+        self._prepared, self._undo, self._next_layer = False, None, 0
 
     # --- streaming helpers ------------------------------------------------------------
 
     @property
     def seen_tokens(self) -> int:
         """Tokens of the stream processed so far (exact, unbounded)."""
-        return self.timeline.seen
+        return self._settled().seen
 
     @property
     def cached_tokens(self) -> int:
         """Tokens whose KV is held now (at most ``sink_size + window_size``)."""
-        return self.timeline.length
+        return self._settled().length
+
+    def _settled(self) -> Timeline:
+        """The timeline as of the last forward that ran (not counting a prepared step)."""
+        return self._undo[0] if self._undo is not None else self.timeline
 
     @property
     def max_cached_tokens(self) -> int:
         return self.sink_size + self.window_size
+
+    def allow_fast_chunk(self) -> None:
+        """Let the next forward use the model's plain causal mask although it overflows the window
+        (the approximation ``fast_chunks=True`` allows for every forward)."""
+        if self._prepared:
+            self._rollback()
+        self.timeline.fast_next = True
 
     def exact_chunk_mask(self, q: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor | None:
         """Prepare the next forward of ``q`` tokens for exact banded attention.
@@ -421,9 +535,14 @@ class SinkCache(Cache):
         chunk). Every token then sees exactly the sinks plus its own last ``window_size``
         tokens, at the positions it would have had if fed one by one.
         """
+        if self._prepared:
+            self._rollback()  # a chunk comes instead of the prepared token
         t = self.timeline
         if not t.overflows(q):
             return None
+        if t.n_sink < t.sink_size:
+            raise ValueError(f"exact_chunk_mask: feed the first {t.sink_size + t.window_size + 1 - t.seen} tokens "
+                             "first (a chunk that fills the sinks and overflows at once has no banded layout)")
         if self.family.positions != "rope":
             raise UnsupportedModelError(
                 f"exact chunked attention is not available for {self.family.name} (ALiBi): feed it token by token"
@@ -459,6 +578,16 @@ def _first_position(kwargs: dict, batch: int) -> int | None:
             "Streams in one batch must have equal lengths and no padding."
         )
     return int(pos[0, 0])
+
+
+def _check_attention(config) -> None:
+    """Refuse attention implementations that cannot honour the cache's additive masks."""
+    impl = getattr(config, "_attn_implementation", None) or ""
+    if impl.startswith(("flash", "paged", "kernels-community")) or "flash" in impl:
+        raise UnsupportedModelError(
+            f"attn_implementation={impl!r}: flash-attention kernels take 2D padding masks only, so they cannot attend "
+            "to the sinks at shifted positions inside a chunk (exact prefill) and are not tested with this cache; "
+            "load the model with attn_implementation='sdpa' (or 'eager')")
 
 
 def check_cache_sizes(sink_size, window_size) -> tuple[int, int]:

@@ -35,6 +35,12 @@ class Family:
         sliding_window_attr: config attribute holding a built-in sliding window, or None.
         alibi_table_attr: config attribute holding the length of a precomputed ALiBi bias
             table (keys beyond it have no bias), or None.
+        attention_interface: True when the model attends through transformers' attention
+            interface, so a sink-aware implementation (:mod:`streamingllm.attention`) can give
+            overflowing chunks their exact band inside ``model.generate``.
+        bias_from_seq_length: True when the model sizes its ALiBi bias from
+            ``cache.get_seq_length()``, which must then be the number of cached tokens instead of
+            the number consumed; ``generate()`` cannot continue such a stream after eviction.
     """
 
     name: str
@@ -42,6 +48,8 @@ class Family:
     positions_visible: bool
     sliding_window_attr: str | None = None
     alibi_table_attr: str | None = None
+    attention_interface: bool = True
+    bias_from_seq_length: bool = False
 
 
 _ROPE_VISIBLE = dict(positions="rope", positions_visible=True)
@@ -54,10 +62,12 @@ FAMILIES: dict[str, Family] = {
     "gemma": Family("Gemma", **_ROPE_VISIBLE),
     "phi3": Family("Phi-3", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
     "gpt_neox": Family("GPT-NeoX/Pythia", positions="rope", positions_visible=False),
-    "falcon": Family("Falcon (RoPE)", positions="rope", positions_visible=False),
-    "falcon-alibi": Family("Falcon (ALiBi)", positions="alibi", positions_visible=False),
-    "mpt": Family("MPT", positions="alibi", positions_visible=False, alibi_table_attr="max_seq_len"),
-    "bloom": Family("BLOOM", positions="alibi", positions_visible=False),
+    "falcon": Family("Falcon (RoPE)", positions="rope", positions_visible=False, attention_interface=False),
+    "falcon-alibi": Family("Falcon (ALiBi)", positions="alibi", positions_visible=False, attention_interface=False,
+                           bias_from_seq_length=True),
+    "mpt": Family("MPT", positions="alibi", positions_visible=False, alibi_table_attr="max_seq_len",
+                  attention_interface=False),
+    "bloom": Family("BLOOM", positions="alibi", positions_visible=False, attention_interface=False),
 }
 
 _REFUSED: dict[str, str] = {

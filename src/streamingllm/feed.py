@@ -8,6 +8,11 @@
   tokens, with the sinks one position further away per such token (cheaper; documented in
   docs/design.md).
 * :func:`generate_tokens` yields new token ids one by one (greedy or sampled).
+* :func:`generate` is ``model.generate`` with an exact prefill first: transformers' decoding
+  loop, sampling options and outputs, for prompts of any length.
+
+All of them pass the cache's :meth:`~streamingllm.cache.SinkCache.position_ids`, which keep
+the positions the model computes angles for small however long the stream.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import torch
 from .cache import SinkCache
 from .checks import check_float, check_int
 from .compat import cache_kwargs
+from .families import UnsupportedModelError
 
 
 @dataclass(frozen=True)
@@ -105,8 +111,11 @@ def iter_chunks(
         if exact and room > 0:
             size = min(size, room)
         mask = cache.exact_chunk_mask(size, dtype=model.dtype, device=model.device) if exact else None
+        if not exact:
+            cache.allow_fast_chunk()
         with torch.no_grad():  # not around the yield: grad mode must not leak to the caller
-            logits = model(input_ids=ids[:, done : done + size], attention_mask=mask, use_cache=True, **pass_cache).logits
+            logits = model(input_ids=ids[:, done : done + size], attention_mask=mask, use_cache=True,
+                           **_positions(cache, size, model.device), **pass_cache).logits
         yield done, logits
         done += size
 
@@ -186,4 +195,51 @@ def generate_tokens(
         if i + 1 == max_new_tokens:
             return
         step_ids[:, 0] = token
-        logits = model(input_ids=step_ids, use_cache=True, **pass_cache).logits[:, -1]
+        positions = _positions(cache, 1, model.device)
+        logits = model(input_ids=step_ids, use_cache=True, **positions, **pass_cache).logits[:, -1]
+
+
+def _positions(cache: SinkCache, q: int, device) -> dict:
+    """``{"position_ids": ...}`` for the next ``q`` tokens, or ``{}`` for families without positions."""
+    pos = cache.position_ids(q, device)
+    return {} if pos is None else {"position_ids": pos}
+
+
+@torch.no_grad()
+def generate(model, input_ids, cache: SinkCache, chunk_size: int = 256, exact_prefill: bool = True, progress=None,
+             **generate_kwargs):
+    """``model.generate(input_ids, cache=cache, **generate_kwargs)``, with the prompt prefilled exactly first.
+
+    transformers' ``generate()`` feeds a prompt in one forward, which a sink cache can serve
+    exactly only while it fits; this feeds all but the prompt's last token through
+    :func:`prefill` (exact banded chunks, memory bounded by the cache plus one chunk), then hands
+    over to ``generate()``, which feeds only the tokens the cache has not consumed. It is also
+    the multi-turn pattern: pass the whole conversation so far and the same cache each turn.
+
+    Args:
+        model: a causal LM whose family ``cache`` was built for.
+        input_ids: the whole conversation so far, (T,) or (B, T); its first
+            ``cache.seen_tokens`` tokens are taken as already consumed.
+        cache: the :class:`SinkCache` (it may already hold the start of the conversation).
+        chunk_size: prompt tokens per forward pass (>= 1).
+        exact_prefill: False feeds the prompt with the model's plain causal mask inside each
+            chunk (cheaper; a token may see up to ``chunk_size - 1`` older tokens; see
+            docs/design.md).
+        progress: optional ``progress(n_tokens_done)`` after each prompt chunk.
+        generate_kwargs: passed to ``model.generate`` (``max_new_tokens``, ``do_sample``, ...).
+
+    Returns:
+        What ``model.generate`` returns (the whole sequence, or its output object).
+    """
+    ids = _as_batch(input_ids).to(model.device)
+    seen = cache.seen_tokens
+    if ids.shape[1] <= seen:
+        raise ValueError(f"input_ids has {ids.shape[1]} tokens but the cache has consumed {seen}: "
+                         "pass the whole conversation so far plus at least one new token")
+    if ids.shape[1] - seen > 1:
+        prefill(model, cache, ids[:, seen:-1], chunk_size=chunk_size, exact=exact_prefill, progress=progress)
+    if cache.family.bias_from_seq_length and cache.seen_tokens > cache.cached_tokens:
+        raise UnsupportedModelError(
+            f"{cache.family.name} sizes its ALiBi bias from get_seq_length(), so transformers' generate() cannot "
+            "continue a stream once the cache has evicted; use streamingllm.generate_tokens or streamingllm.Session")
+    return model.generate(ids, **cache_kwargs(model, cache), **generate_kwargs)

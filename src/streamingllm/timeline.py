@@ -24,6 +24,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 
+class ApproximateChunkError(ValueError):
+    """A forward of several tokens that the model's causal mask would let see more than the sinks
+    and the window, and that came with no exact banded mask."""
+
+    def __init__(self, q: int, held: int, size: int):
+        super().__init__(
+            f"SinkCache: this forward feeds {q} tokens into a cache holding {held} of at most {size}, so under the "
+            f"model's causal mask its last tokens would see up to {held + q - 1 - size} tokens more than "
+            "sink_size + window_size, at shifted positions: not what streaming them one by one gives. "
+            "Use streamingllm.generate(model, input_ids, cache, ...) or streamingllm.prefill(...) (exact chunked "
+            "prefill), pass cache.exact_chunk_mask(q) as attention_mask, or opt in to the approximation with "
+            "SinkCache(..., fast_chunks=True)."
+        )
+
+
 @dataclass(frozen=True)
 class Step:
     """What every layer does with the ``q`` new tokens of one forward pass.
@@ -115,7 +130,7 @@ class Timeline:
         capacity: slots per layer buffer.
         rotates: True for RoPE models (keys carry their position), False for ALiBi.
         follows_positions: True when the cache sees the caller's position ids, and so may
-            suggest rebased positions through ``get_seq_length``.
+            suggest rebased positions (:meth:`next_position`).
         rebase_every: frame/in-cache drift (tokens) after which a rebase is suggested.
         ring_capable: single-token steps into a full cache may use :class:`RingStep` (needs
             ``capacity == S + W + 1`` and RoPE).
@@ -136,6 +151,8 @@ class Timeline:
     sink_frame: int = 0  # model-frame position the stored sink 0 is rotated at
     sinks_in_buffer: tuple[int, int] | None = (0, 0)  # (off, sink_delta) of the sinks written in the buffer
     exact_next: bool = False  # the next chunk comes with an exact banded mask
+    fast_next: bool = False  # the next chunk may use the plain causal mask although it overflows
+    fast_chunks: bool = False  # every chunk may (the cache's ``fast_chunks`` option)
     ring: bool = False  # the window is a ring in buffer[S : S + W + 1], oldest token at `head`
     head: int = 0
 
@@ -147,32 +164,39 @@ class Timeline:
     def reset(self) -> None:
         """Forget the stream (sizes and settings are kept)."""
         self.seen = self.n_sink = self.window = self.off = self.frame_next = self.sink_frame = self.head = 0
-        self.sinks_in_buffer, self.exact_next, self.ring = (0, 0), False, False
+        self.sinks_in_buffer, self.exact_next, self.fast_next, self.ring = (0, 0), False, False, False
 
     def overflows(self, q: int) -> bool:
-        """True when some of ``q`` new tokens would see more than the window under a causal mask:
-        then only the exact layout (one sink copy per overflowing token) is exact."""
-        return q > 1 and self.n_sink == self.sink_size and self.window + q - 1 > self.window_size
+        """True when some of ``q`` new tokens would see more than the sinks and the window under a
+        causal mask: then only the exact layout (one sink copy per overflowing token) is exact."""
+        return q > 1 and self.length + q > self.sink_size + self.window_size + 1
 
-    def suggested_position(self) -> int:
-        """The position the next token should be given (what ``get_seq_length`` returns)."""
+    def next_position(self) -> int:
+        """The position the library's own loops give the next token (see ``SinkCache.position_ids``).
+
+        It is the stream's own frame (``frame_next``), moved back to the in-cache position once that
+        frame has run ``rebase_every`` tokens ahead, so that the positions the model computes angles
+        for stay small however long the stream. Only families whose positions reach the cache
+        (``follows_positions``) are rebased; the others keep the stream's frame.
+        """
         if self.seen == 0:
             return 0
-        if not self.rotates:
-            return self.length
-        if self.follows_positions and self.frame_next - self.length >= self.rebase_every:
+        if self.rotates and self.follows_positions and self.frame_next - self.length >= self.rebase_every:
             return self.length
         return self.frame_next
 
     def plan(self, q: int, p0: int | None) -> Step:
         """Plan one forward pass of ``q`` new tokens whose first position is ``p0``, and advance.
 
-        ``p0`` is the position the caller gave the first new token (None when the model does not
-        pass position ids to the cache: it then used :meth:`suggested_position`).
+        ``p0`` is the position the caller gave the first new token; None when the model does not
+        pass position ids to the cache: it then computed them from ``get_seq_length()``, which is
+        :attr:`seen` (transformers' contract: the number of tokens consumed).
         """
         S, W = self.sink_size, self.window_size
+        if self.overflows(q) and not (self.exact_next or self.fast_next or self.fast_chunks):
+            raise ApproximateChunkError(q, self.length, S + W)
         if p0 is None or not self.rotates:
-            p0 = self.suggested_position()
+            p0 = self.seen
         if self.seen == 0:
             self.frame_next = self.sink_frame = p0
         n, new_sinks = self.length, min(q, S - self.n_sink)
@@ -206,7 +230,7 @@ class Timeline:
                 self.off, self.sinks_in_buffer = 0, None
             self.n_sink += new_sinks
             self.window = kept
-        self.exact_next = False
+        self.exact_next = self.fast_next = False
         self.seen += q
         self.frame_next = p0 + q
         return step

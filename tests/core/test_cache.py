@@ -139,7 +139,8 @@ def test_position_one_million_is_as_exact_as_position_zero():
     assert cache.seen_tokens == start > 999_000
     late = prefill(model, cache, stream[:, start : start + 24], chunk_size=1, return_all_logits=True)
     assert (late - early).abs().max().item() <= TOL
-    assert cache.get_seq_length() < 2 * (S + W) + 512  # the model never saw a large position
+    assert cache.get_seq_length() == start + 24  # the tokens consumed, as transformers expects
+    assert int(cache.position_ids(1)[0, 0]) < 2 * (S + W) + 512  # the model never saw a large position
 
 
 def test_storage_does_not_grow():
@@ -147,11 +148,11 @@ def test_storage_does_not_grow():
     cache = SinkCache(model, 4, 32)
     ids = torch.randint(0, VOCAB, (1, 5000), generator=torch.Generator().manual_seed(10))
     with torch.no_grad():
-        model(ids[:, :40], cache=cache)
+        model(ids[:, :30], cache=cache)
         layer = cache.layers[0]
         pointers = [(l.keys.data_ptr(), l.values.data_ptr(), l.keys.numel()) for l in cache.layers]
         step_ids = torch.empty(1, 1, dtype=torch.long)
-        for t in range(40, 5000):
+        for t in range(30, 5000):
             step_ids[0, 0] = ids[0, t]
             model(step_ids, cache=cache)
     assert [(l.keys.data_ptr(), l.values.data_ptr(), l.keys.numel()) for l in cache.layers] == pointers
@@ -196,13 +197,15 @@ def test_alibi_table_limit():
         SinkCache(tiny_config("mpt"), 4, 5000)
 
 
-@pytest.mark.parametrize("family", ALIBI_FAMILIES)
-def test_alibi_caches_report_cached_length(family):
-    """ALiBi models size their bias from get_seq_length(): it must be the number of cached tokens."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_get_seq_length_counts_consumed_tokens(family):
+    """transformers' contract (generate() slices new tokens with it); Falcon-ALiBi sizes its bias
+    from it, so there it must be the number of cached tokens."""
     model = tiny_model(family)
     cache = SinkCache(model, 4, 16)
     _decode_logits(model, cache, torch.randint(0, VOCAB, (1, 50), generator=torch.Generator().manual_seed(11)))
-    assert cache.get_seq_length() == cache.cached_tokens == 20 and cache.seen_tokens == 50
+    assert cache.get_seq_length() == (20 if family == "falcon-alibi" else 50)
+    assert cache.cached_tokens == 20 and cache.seen_tokens == 50
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "falcon", "qwen3"])
@@ -218,8 +221,9 @@ def test_chunks_after_ring_decoding_stay_exact(family, sink_size, window_size):
     a = prefill(model, one, ids, chunk_size=1, return_all_logits=True)
     b = torch.cat([prefill(model, mixed, ids[:, i:j], chunk_size=c, return_all_logits=True) for i, j, c in pieces], dim=1)
     assert (a - b).abs().max().item() <= TOL
-    # plain causal chunks == the reference fed the same way
-    fast, ref = SinkCache(model, sink_size, window_size), ReferenceSinkCache(model, sink_size, window_size)
+    # plain causal chunks (opted in) == the reference fed the same way
+    fast = SinkCache(model, sink_size, window_size, fast_chunks=True)
+    ref = ReferenceSinkCache(model, sink_size, window_size)
     with torch.no_grad():
         for i, j, c in pieces:
             for k in range(i, j, c):
@@ -252,8 +256,57 @@ def test_prepared_decode_steps_equal_ordinary_steps(family):
         assert pos is None
     else:  # RoPE: full after 24 tokens, then every step was prepared
         assert pos is not None and pos.shape == (1, 1) and pos.dtype == torch.long
-        with pytest.raises(ValueError, match="single-token"):
-            model(ids[:, :2], cache=prepared)
+
+
+def _raise_in_layer(model, layer: int):
+    """A forward hook that makes the forward fail once inside decoder layer ``layer`` (after its attention)."""
+    blocks = [m for name, m in model.named_modules() if name.endswith(f"layers.{layer}") or name.endswith(f"h.{layer}")]
+
+    def hook(module, args, output):
+        handle.remove()
+        raise KeyboardInterrupt("stopped mid-forward")
+
+    handle = blocks[0].register_forward_hook(hook)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "falcon"])
+def test_a_prepared_step_is_undone_when_its_forward_does_not_run_as_prepared(family):
+    """prepare_decode_step() then: an exception mid-forward, a caller ignoring the position ids, a
+    chunk instead of one token. Each time the stream must go on exactly as if nothing was prepared."""
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(16))
+    plain, cache = SinkCache(model, 4, 20, rebase_every=30), SinkCache(model, 4, 20, rebase_every=30)
+    prefill(model, plain, ids[:, :60], chunk_size=1)
+    prefill(model, cache, ids[:, :60], chunk_size=1)  # full, and past a rebase
+    with torch.no_grad():
+        pos = cache.prepare_decode_step()
+        _raise_in_layer(model, 0)
+        with pytest.raises(KeyboardInterrupt):
+            model(ids[:, 60:61], cache=cache, position_ids=pos)
+        assert cache.seen_tokens == 60
+        a, b = model(ids[:, 60:61], cache=plain).logits, model(ids[:, 60:61], cache=cache).logits
+        assert (a - b).abs().max().item() <= TOL
+        cache.prepare_decode_step()  # ignored: no position ids passed
+        a, b = model(ids[:, 61:62], cache=plain).logits, model(ids[:, 61:62], cache=cache).logits
+        assert (a - b).abs().max().item() <= TOL
+        cache.prepare_decode_step()  # a chunk comes instead
+        a = model(ids[:, 62:66], cache=plain, attention_mask=plain.exact_chunk_mask(4)).logits
+        b = model(ids[:, 62:66], cache=cache, attention_mask=cache.exact_chunk_mask(4)).logits
+        assert (a - b).abs().max().item() <= TOL
+    assert (_prepared_decode(model, cache, ids[:, 66:]) - _decode_logits(model, plain, ids[:, 66:])).abs().max() <= TOL
+
+
+def test_an_ordinary_forward_stopped_part_way_is_reported():
+    model = tiny_model("llama")
+    cache = SinkCache(model, 4, 20)
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(17))
+    _raise_in_layer(model, 0)
+    with torch.no_grad(), pytest.raises(KeyboardInterrupt):
+        model(ids[:, :10], cache=cache)
+    with torch.no_grad(), pytest.raises(RuntimeError, match="reset"):
+        model(ids[:, 10:11], cache=cache)
+    cache.reset()
+    assert (_decode_logits(model, cache, ids) - _decode_logits(model, SinkCache(model, 4, 20), ids)).abs().max() <= TOL
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import pytest
 
-from streamingllm.timeline import ConcatStep, RingStep, Timeline, ViewStep
+from streamingllm.timeline import ApproximateChunkError, ConcatStep, RingStep, Timeline, ViewStep
 
 
 def rope(S=2, W=4, **kw):
     return Timeline(sink_size=S, window_size=W, capacity=S + W + 1, rotates=True, follows_positions=True,
-                    rebase_every=1000, ring_capable=True, **kw)
+                    rebase_every=1000, ring_capable=True, fast_chunks=True, **kw)
 
 
 def alibi(S=2, W=4, slack=3):
     return Timeline(sink_size=S, window_size=W, capacity=S + W + 1 + slack, rotates=False, follows_positions=False,
-                    rebase_every=1000)
+                    rebase_every=1000, fast_chunks=True)
 
 
 def run(t, qs, positions=None):
@@ -64,13 +64,13 @@ def test_alibi_view_moves_then_compacts():
     assert all(s.write_sinks for s in steps[2:])  # the sinks are rewritten in front of the moved window
 
 
-def test_rebase_is_suggested_and_followed():
+def test_rebase_is_offered_and_followed():
     t = rope(S=2, W=4)
     t.rebase_every = 5
     run(t, [6])
     seen = []  # (position given, frame position the next token would have had, shift of the step)
     for _ in range(12):
-        p, expected = t.suggested_position(), t.frame_next
+        p, expected = t.next_position(), t.frame_next
         seen.append((p, expected, t.plan(1, p).shift))
     rebases = [(p, e, shift) for p, e, shift in seen if p != e]
     assert rebases and all(p == 6 and shift == p - e < 0 for p, e, shift in rebases)  # back to the in-cache position
@@ -93,4 +93,19 @@ def test_sinks_are_positions_not_rotations_for_alibi():
     t = alibi()
     steps = run(t, [3, 5, 1])
     assert all(s.shift == 0 and s.sink_delta == 0 and s.new_sink_delta == 0 for s in steps)
-    assert t.suggested_position() == t.length == 6
+    assert t.next_position() == t.seen == 9 and t.length == 6
+
+
+def test_overflowing_chunks_are_refused_unless_exact_or_allowed():
+    t = Timeline(sink_size=2, window_size=4, capacity=7, rotates=True, follows_positions=True, rebase_every=1000,
+                 ring_capable=True)
+    run(t, [7])  # S + W + 1 tokens at once: every token sees at most the sinks and the window
+    before = (t.seen, t.window, t.n_sink)
+    with pytest.raises(ApproximateChunkError, match="fast_chunks=True"):
+        t.plan(2, None)  # the second token would see one window token too many
+    assert (t.seen, t.window, t.n_sink) == before  # refused before anything moved
+    t.fast_next = True
+    assert isinstance(t.plan(2, None), ConcatStep) and not t.fast_next  # allowed once
+    t.exact_next = True
+    assert t.plan(3, None).groups == 3
+    assert isinstance(t.plan(1, None), RingStep)  # one token never overflows
