@@ -33,13 +33,13 @@ import warnings
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from .attention import attach_band, is_sink_attention, use_sink_attention
+from .attention import SINK_ATTENTION, attach_band, attention_implementation, is_sink_attention, use_sink_attention
 from .checks import ArgumentError, check_int
-from .compat import text_config
-from .families import (Family, UnsupportedModelError, alibi_limit, family_of, past_trained_length, rope_inv_freq,
-                       sliding_window_of)
+from .compat import check_transformers, text_config
+from .families import (Family, UnsupportedModelError, alibi_limit, check_rope_scaling, family_of, past_trained_length,
+                       rope_inv_freq, sliding_window_of)
 from .memory import available_bytes
-from .rotation import Rotator
+from .rotation import Rotator, compute_dtype
 from .timeline import ConcatStep, RingStep, Step, Timeline, ViewStep
 
 
@@ -55,8 +55,10 @@ class SinkKeys:
     """The stored sink keys of every layer in one tensor (layers, batch, kv_heads, S, head_dim),
     so that one step rotates all layers' sinks with one set of ops.
 
-    Stored keys are in the frame of the stream's first token; :meth:`rotate_all` writes this
-    step's rotation of them into a second tensor that the layers copy from.
+    Stored keys are in the frame of the stream's first token, in at least float32 (bf16/fp16 sinks
+    are rotated from a float32 copy and rounded once, so their error does not grow with the
+    stream); :meth:`rotate_all` writes this step's rotation of them, in the model's dtype, into a
+    second tensor that the layers copy from.
     """
 
     def __init__(self, rotator: Rotator | None):
@@ -67,27 +69,42 @@ class SinkKeys:
 
     def allocate(self, num_layers: int, key_states: torch.Tensor, sink_size: int) -> None:
         shape = (num_layers, *key_states.shape[:2], sink_size, key_states.shape[-1])
-        self.keys = key_states.new_zeros(shape)
-        self.rotated = torch.empty_like(self.keys)
+        self.keys = key_states.new_zeros(shape, dtype=compute_dtype(key_states.dtype))
+        self.rotated = key_states.new_empty(shape)
+
+    def store(self, layer: int, start: int, keys: torch.Tensor, delta: int) -> None:
+        """Store new sink keys of ``layer`` at sink index ``start``, rotated by ``delta`` positions
+        into the stored frame (the rotation runs at the stored precision)."""
+        out = self.keys[layer, :, :, start : start + keys.shape[-2]]
+        if self.rotator is not None and delta:
+            self.rotator.rotate_by(keys.to(out.dtype), (delta,), out=out)
+        else:
+            out.copy_(keys)
 
     def rotate_all(self, n_sink: int, delta: int) -> None:
         """Rotate the first ``n_sink`` sinks of every layer by ``delta`` positions."""
         self.rotated_for = None
-        if self.rotator is not None and n_sink and delta:
-            self.rotator.rotate_by(self.keys[..., :n_sink, :], (delta,), out=self.rotated[..., :n_sink, :])
+        if n_sink:
+            rotated = self.rotated[..., :n_sink, :]
+            if self.rotator is not None and delta:
+                self.rotator.rotate_by(self.keys[..., :n_sink, :], (delta,), out=rotated)
+            else:
+                rotated.copy_(self.keys[..., :n_sink, :])
             self.rotated_for = (n_sink, delta)
 
     def for_layer(self, layer: int, n_sink: int, deltas: tuple[int, ...], out: torch.Tensor | None = None):
-        """Layer ``layer``'s first ``n_sink`` sink keys, rotated by each delta in turn (one group
-        of ``n_sink`` keys per delta), written into ``out`` when given."""
+        """Layer ``layer``'s first ``n_sink`` sink keys in the model's dtype, rotated by each delta in
+        turn (one group of ``n_sink`` keys per delta), written into ``out`` when given."""
         if len(deltas) == 1 and self.rotated_for == (n_sink, deltas[0]):
             rotated = self.rotated[layer, :, :, :n_sink]
             return rotated if out is None else out.copy_(rotated)
         keys = self.keys[layer, :, :, :n_sink]
         if len(deltas) > 1:
             keys = keys.repeat(1, 1, len(deltas), 1)
+        if out is None:
+            out = torch.empty(keys.shape, dtype=self.rotated.dtype, device=keys.device)
         if self.rotator is None or deltas == (0,):
-            return keys if out is None else out.copy_(keys)
+            return out.copy_(keys)
         return self.rotator.rotate_by(keys, deltas, repeats=n_sink, out=out)
 
 
@@ -150,14 +167,10 @@ class SinkLayer(StaticLayer):
         """Buffer slots ``[lo, hi)`` of the window held before the step."""
         return step.prev_off + step.n_sink, step.prev_off + step.n
 
-    def _new_sink_keys(self, step: Step, key_states: torch.Tensor) -> torch.Tensor:
-        """The keys of the new tokens that become sinks, as they are stored."""
-        return key_states[:, :, : step.new_sinks]
-
     def _store_new_sinks(self, step: Step, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         k, s0 = step.new_sinks, step.n_sink
         if k:
-            self.sinks.keys[self.index, :, :, s0 : s0 + k].copy_(self._new_sink_keys(step, key_states))
+            self.sinks.store(self.index, s0, key_states[:, :, :k], step.new_sink_delta)
             self.sink_values[:, :, s0 : s0 + k].copy_(value_states[:, :, :k])
 
     def get_seq_length(self) -> int:
@@ -234,9 +247,6 @@ class RopeSinkLayer(SinkLayer):
             self.rotator.rotate_by(self.keys[:, :, lo:hi], (step.shift,), out=self.keys[:, :, lo:hi])
         return lo, hi
 
-    def _new_sink_keys(self, step: Step, key_states: torch.Tensor) -> torch.Tensor:
-        keys = super()._new_sink_keys(step, key_states)
-        return self.rotator.rotate_by(keys, (step.new_sink_delta,)) if step.new_sink_delta else keys
 
 
 class SinkCache(Cache):
@@ -286,6 +296,7 @@ class SinkCache(Cache):
         rebase_every: int | None = None,
         fast_chunks: bool = False,
     ):
+        check_transformers()
         sink_size, window_size = check_cache_sizes(sink_size, window_size)
         slack = max(64, window_size // 4) if slack is None else check_int("slack", slack, 0)
         rebase_every = max(window_size, 256) if rebase_every is None else check_int("rebase_every", rebase_every, 1)
@@ -296,6 +307,8 @@ class SinkCache(Cache):
         family = family_of(config)
         _check_fits(config, family, sink_size, window_size)
         _check_attention(config)
+        if family.positions == "rope":
+            check_rope_scaling(config)
         if isinstance(model_or_config, torch.nn.Module) and family.attention_interface:
             use_sink_attention(model_or_config)
         self.config = config
@@ -391,8 +404,10 @@ class SinkCache(Cache):
     def estimated_bytes(self, key_states: torch.Tensor) -> int:
         """Bytes all layers' buffers take for keys/values shaped like ``key_states`` (B, H, T, D)."""
         batch, heads, _, dim = key_states.shape
-        slots = 2 * self.timeline.capacity + 3 * self.sink_size  # K and V buffers, sink values, stored + rotated sink keys
-        return self.num_layers * batch * heads * slots * dim * key_states.element_size()
+        size = key_states.element_size()
+        stored = torch.empty((), dtype=compute_dtype(key_states.dtype)).element_size()  # the stored sink keys
+        per_slot = (2 * self.timeline.capacity + 2 * self.sink_size) * size + self.sink_size * stored
+        return self.num_layers * batch * heads * dim * per_slot
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (for memory accounting: :func:`streamingllm.memory.storage_bytes`)."""
@@ -520,6 +535,14 @@ class SinkCache(Cache):
     def max_cached_tokens(self) -> int:
         return self.sink_size + self.window_size
 
+    @property
+    def exact_chunks(self) -> bool:
+        """True when a chunk can be given its exact band (:meth:`exact_chunk_mask`): RoPE families
+        whose attention takes additive float masks (sdpa, eager and their sink-aware variants).
+        Otherwise exact feeding goes one token at a time."""
+        impl = attention_implementation(self.config)
+        return self.family.positions == "rope" and impl in (*SINK_ATTENTION, *SINK_ATTENTION.values())
+
     def allow_fast_chunk(self) -> None:
         """Let the next forward use the model's plain causal mask although it overflows the window
         (the approximation ``fast_chunks=True`` allows for every forward)."""
@@ -543,10 +566,10 @@ class SinkCache(Cache):
         if t.n_sink < t.sink_size:
             raise ValueError(f"exact_chunk_mask: feed the first {t.sink_size + t.window_size + 1 - t.seen} tokens "
                              "first (a chunk that fills the sinks and overflows at once has no banded layout)")
-        if self.family.positions != "rope":
+        if not self.exact_chunks:
             raise UnsupportedModelError(
-                f"exact chunked attention is not available for {self.family.name} (ALiBi): feed it token by token"
-            )
+                f"exact chunked attention is not available for {self.family.name} with attn_implementation="
+                f"{attention_implementation(self.config)!r} (ALiBi, or no additive float masks): feed it token by token")
         t.exact_next = True
         W, w, S = t.window_size, t.window, t.n_sink
         i = torch.arange(q)[:, None]

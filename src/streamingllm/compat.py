@@ -1,5 +1,10 @@
 """Differences between transformers releases and model classes, each handled once.
 
+The supported range is :data:`TRANSFORMERS_RANGE` (``pyproject.toml`` declares the same; CI runs
+the cache's exactness tests on its lowest and newest releases). Earlier 5.x releases call the
+cache argument ``past_key_values`` (``model(..., cache=c)`` is silently ignored there) and do not
+pass position ids to ``Cache.update``; :func:`check_transformers` refuses them.
+
 * the cache argument of ``model.forward``: ``cache`` (transformers >= 5.2x) or
   ``past_key_values`` (earlier 5.x, which silently ignores ``cache=``);
 * whether ``model.forward`` takes ``logits_to_keep`` (compute only the last logits);
@@ -11,6 +16,24 @@ from __future__ import annotations
 
 import functools
 import inspect
+
+TRANSFORMERS_RANGE = ((5, 24), (6, 0))  # lowest supported release, first unsupported one
+
+
+def check_transformers(version: str | None = None) -> None:
+    """Raise ImportError naming the installed and the supported transformers releases when the
+    installed one (or ``version``) is outside :data:`TRANSFORMERS_RANGE`."""
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    parts = tuple(int(p) for p in version.split("+")[0].split(".")[:2] if p.isdigit())
+    low, high = TRANSFORMERS_RANGE
+    if not low <= parts < high:
+        raise ImportError(
+            f"streamingllm needs transformers>={low[0]}.{low[1]},<{high[0]} (found {version}): earlier releases "
+            "ignore model(..., cache=c) or hide the position ids from the cache, so streaming would be silently "
+            f"wrong. Install a supported one: pip install 'transformers>={low[0]}.{low[1]},<{high[0]}'")
 
 
 def _forward_parameters(model) -> frozenset[str]:

@@ -105,6 +105,28 @@ def family_of(config) -> Family:
     )
 
 
+_FROZEN_ROPE_REFUSED = {
+    "dynamic": "dynamic NTK scaling recomputes the rotary frequencies from the longest position seen",
+    "longrope": "LongRoPE switches between its short and long frequency factors at the original trained length",
+}
+
+
+def rope_type_of(config) -> str:
+    """The config's RoPE scaling type (``"default"`` when none)."""
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    return str(params.get("rope_type") or params.get("type") or "default")
+
+
+def check_rope_scaling(config) -> None:
+    """Refuse RoPE scalings whose frequencies change with the sequence length: a cached key would
+    have to be re-rotated at every change (default, linear, llama3 and yarn have fixed frequencies)."""
+    rope_type = rope_type_of(config)
+    if rope_type in _FROZEN_ROPE_REFUSED:
+        raise UnsupportedModelError(
+            f"rope_type={rope_type!r}: {_FROZEN_ROPE_REFUSED[rope_type]}, so keys cached at earlier positions were "
+            "rotated with other frequencies than the query's; not supported. Supported: default, linear, llama3, yarn.")
+
+
 def sliding_window_of(config, family: Family) -> int | None:
     """The model's own sliding-window length in tokens, or None when it has none in use."""
     if family.sliding_window_attr is None:

@@ -97,11 +97,12 @@ def iter_chunks(
         input_ids: token ids, shape (T,) or (B, T); equal-length streams, no padding.
         chunk_size: tokens per forward pass (>= 1). Peak memory grows with it.
         exact: banded attention inside each chunk, identical to token-by-token feeding.
-            ALiBi models have no exact chunked form here and are fed one token at a time.
+            ALiBi models, and attention implementations without additive float masks
+            (flex_attention), have no exact chunked form here and are fed one token at a time.
     """
     chunk_size = check_int("chunk_size", chunk_size, 1)
     ids = _as_batch(input_ids).to(model.device)
-    if exact and cache.family.positions != "rope":
+    if exact and not cache.exact_chunks:
         chunk_size = 1
     done, total = 0, ids.shape[1]
     pass_cache = cache_kwargs(model, cache)

@@ -2,7 +2,8 @@
 
 A RoPE query-key score depends only on the difference of the two rotation angles, so a key
 cached at one position is moved to another by rotating it by the difference. Angles are computed
-in float64 from integer differences, then cast, so moving a key never accumulates error.
+in float64 from integer differences, and the rotation itself runs in at least float32 (bf16 and
+fp16 keys are rotated in float32 and rounded once), so moving a key never accumulates error.
 """
 
 from __future__ import annotations
@@ -47,11 +48,12 @@ class Rotator:
         Channels past ``2 * half`` (partial rotary) are copied unchanged.
         """
         h = self.half
-        x1, x2 = x[..., :h], x[..., h : 2 * h]
+        x1, x2 = x[..., :h].to(cos.dtype), x[..., h : 2 * h].to(cos.dtype)
         r1 = x1 * cos - x2 * sin
         r2 = x2 * cos + x1 * sin
         if out is None:
             out = torch.empty_like(x)
+        # (the results are rounded to out's dtype once, by the copies below)
         if out is not x and x.shape[-1] > 2 * h:
             out[..., 2 * h :].copy_(x[..., 2 * h :])
         out[..., :h].copy_(r1)
@@ -61,5 +63,10 @@ class Rotator:
     def rotate_by(self, x: torch.Tensor, deltas: tuple[int, ...], repeats: int = 1, out: torch.Tensor | None = None):
         """Rotate ``x`` (..., T, head_dim) by ``deltas`` positions: one delta for all of T, or one per
         group of ``repeats`` tokens (``len(deltas) * repeats == T``)."""
-        cos, sin = self.cos_sin(deltas, x.device, x.dtype, repeats)
+        cos, sin = self.cos_sin(deltas, x.device, compute_dtype(x.dtype), repeats)
         return self.rotate(x, cos, sin, out=out)
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype rotations of ``dtype`` keys run in: float32 for 16-bit floats, else ``dtype`` itself."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype

@@ -123,3 +123,37 @@ def test_the_band_is_what_makes_turns_exact():
     ref = _reference_logits(model, seq)
     first, logits = turns[1]
     assert (logits - ref[first - 1 : first - 1 + len(logits)]).abs().max().item() > 100 * TOL
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attention_implementations_are_exact(implementation):
+    """The cache switches the model to the sink-aware variant of its own implementation."""
+    model = _model("llama")
+    model.set_attn_implementation(implementation)
+    seq, turns = _turns(_model_generate, model, lengths=(30, 10), new=30, do_sample=False)
+    assert model.config._attn_implementation == f"streamingllm_{implementation}"
+    _assert_turns_match_reference(model, seq, turns)
+
+
+def test_flex_attention_streams_exactly_one_token_at_a_time():
+    """flex_attention takes no additive float mask (on CPU a float mask crashes the process), so it
+    gets no band: exact feeding goes token by token, and model.generate refuses overflowing turns."""
+    model = _model("llama")
+    model.set_attn_implementation("flex_attention")
+    cache = SinkCache(model, S, W)
+    assert not cache.exact_chunks and model.config._attn_implementation == "flex_attention"
+    ids = torch.randint(1, VOCAB, (1, 50), generator=torch.Generator().manual_seed(5))
+    logits = streamingllm.prefill(model, cache, ids, chunk_size=16, return_all_logits=True)[0]
+    assert (logits - _reference_logits(model, ids)).abs().max().item() <= TOL
+    with pytest.raises(ApproximateChunkError):
+        model.generate(torch.cat([ids, ids[:, :5]], 1), cache=cache, max_new_tokens=1, do_sample=False)
+
+
+@pytest.mark.parametrize("implementation", ["flash_attention_2", "flash_attention_3", "paged|flash_attention_2"])
+def test_flash_attention_is_refused_before_any_work(implementation):
+    from tiny import tiny_config
+
+    config = tiny_config("llama")
+    config._attn_implementation = implementation
+    with pytest.raises(UnsupportedModelError, match="attn_implementation='sdpa'"):
+        SinkCache(config, S, W)

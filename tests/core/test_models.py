@@ -77,3 +77,15 @@ def test_random_weight_twin_has_the_default_models_architecture():
     from streamingllm.families import rope_inv_freq
 
     assert torch.equal(rope_inv_freq(twin), rope_inv_freq(real))
+
+
+@pytest.mark.parametrize("version, ok", [("5.23.0", False), ("5.17.0", False), ("4.57.6", False), ("5.24.0", True),
+                                         ("5.30.1.dev0", True), ("6.0.0", False)])
+def test_transformers_outside_the_declared_range_is_refused(version, ok):
+    from streamingllm.compat import check_transformers
+
+    if ok:
+        check_transformers(version)
+    else:
+        with pytest.raises(ImportError, match=r"transformers>=5\.24,<6"):
+            check_transformers(version)
