@@ -31,16 +31,19 @@ S, W = 4, 124
 
 
 def _one_by_one(model, cache, ids):
+    ids = ids.to(model.device)
     if isinstance(cache, SinkCache):
-        return prefill(model, cache, ids, chunk_size=1, return_all_logits=True)[0].double()
+        return prefill(model, cache, ids, chunk_size=1, return_all_logits=True)[0].double().cpu()
     with torch.no_grad():
-        return torch.cat([model(ids[:, t : t + 1], cache=cache).logits[0] for t in range(ids.shape[1])]).double()
+        return torch.cat([model(ids[:, t : t + 1], cache=cache).logits[0] for t in range(ids.shape[1])]).double().cpu()
 
 
 def drift(dtype: torch.dtype, tokens: int, early=(1000, 3000), late=(25000, 30000), device="cpu") -> dict:
-    model64 = tiny_model("llama", dtype=torch.float64).to(device)
-    model = copy.deepcopy(model64).to(dtype)
-    ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    """Mean |logit error| of ``dtype`` on ``device`` against the float64 twin on the CPU: dense before
+    eviction, streaming over ``early`` and over ``late`` (token ranges)."""
+    model64 = tiny_model("llama", dtype=torch.float64)
+    model = copy.deepcopy(model64).to(dtype=dtype, device=device)
+    ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(0))
     row = {"dtype": str(dtype).removeprefix("torch.")}
     # dense, before any eviction: the model's own error in this dtype
     a = _one_by_one(model, DynamicCache(config=model.config), ids[:, : S + W])
@@ -52,7 +55,7 @@ def drift(dtype: torch.dtype, tokens: int, early=(1000, 3000), late=(25000, 3000
         hi = min(hi, tokens)
         for m, c in zip((model, model64), caches):
             if lo > done:
-                prefill(m, c, ids[:, done:lo], chunk_size=256)
+                prefill(m, c, ids[:, done:lo].to(m.device), chunk_size=256)
         a, b = (_one_by_one(m, c, ids[:, lo:hi]) for m, c in zip((model, model64), caches))
         row[f"stream_{name}"] = (a - b).abs().mean().item()
         done = hi
@@ -71,7 +74,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     rows = [drift(getattr(torch, d), args.tokens, device=args.device) for d in args.dtypes]
     columns = list(rows[0])
-    print(format_table(columns, [[r["dtype"]] + [f"{r[c]:.4g}" for c in columns[1:]] for r in rows]))
+    print(format_table(columns, [[r["dtype"]] + [f"{r[c]:.4g}" for c in columns[1:]] for r in rows]), flush=True)
     if args.csv:
         write_csv(rows, args.csv, columns)
 

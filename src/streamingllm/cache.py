@@ -92,17 +92,20 @@ class SinkKeys:
                 rotated.copy_(self.keys[..., :n_sink, :])
             self.rotated_for = (n_sink, delta)
 
-    def for_layer(self, layer: int, n_sink: int, deltas: tuple[int, ...], out: torch.Tensor | None = None):
+    def for_layer(self, layer: int, n_sink: int, deltas: tuple[int, ...], out: torch.Tensor | None = None,
+                  device=None):
         """Layer ``layer``'s first ``n_sink`` sink keys in the model's dtype, rotated by each delta in
-        turn (one group of ``n_sink`` keys per delta), written into ``out`` when given."""
+        turn (one group of ``n_sink`` keys per delta), written into ``out`` when given, else into a
+        new tensor on ``device`` (the layer's: with ``device_map`` layers may sit on other devices
+        than this store, which is on the first layer's)."""
         if len(deltas) == 1 and self.rotated_for == (n_sink, deltas[0]):
             rotated = self.rotated[layer, :, :, :n_sink]
-            return rotated if out is None else out.copy_(rotated)
+            return rotated.to(device) if out is None else out.copy_(rotated)
         keys = self.keys[layer, :, :, :n_sink]
         if len(deltas) > 1:
             keys = keys.repeat(1, 1, len(deltas), 1)
         if out is None:
-            out = torch.empty(keys.shape, dtype=self.rotated.dtype, device=keys.device)
+            out = torch.empty(keys.shape, dtype=self.rotated.dtype, device=device or keys.device)
         if self.rotator is None or deltas == (0,):
             return out.copy_(keys)
         return self.rotator.rotate_by(keys, deltas, repeats=n_sink, out=out)
@@ -152,7 +155,7 @@ class SinkLayer(StaticLayer):
             V[:, :, o + step.n : o + step.n + step.q].copy_(value_states)
             keys, values = K[:, :, o : o + step.n + step.q], V[:, :, o : o + step.n + step.q]
         else:  # ConcatStep
-            sink_keys = self.sinks.for_layer(self.index, s0, step.sink_deltas)
+            sink_keys = self.sinks.for_layer(self.index, s0, step.sink_deltas, device=K.device)
             sink_values = self.sink_values[:, :, :s0].repeat(1, 1, step.groups, 1)
             keys = torch.cat((sink_keys, K[:, :, lo:hi], key_states), dim=-2)
             values = torch.cat((sink_values, V[:, :, lo:hi], value_states), dim=-2)
@@ -333,7 +336,7 @@ class SinkCache(Cache):
         self._next_layer = 0  # the layer whose update the running forward calls next
         self._prepared = False  # prepare_decode_step() did the bookkeeping of the next forward
         self._undo: tuple[Timeline, RingStep, int] | None = None  # the timeline before that step, the step, its position
-        self._slot: torch.Tensor | None = None  # (1,) int64: buffer slot of the prepared step's token
+        self._slots: dict[torch.device, torch.Tensor] = {}  # per device: (1,) int64, the prepared token's buffer slot
         self._position: torch.Tensor | None = None  # (1, 1) int64: its position id
         if rope:
             layers = [RopeSinkLayer(self.timeline, self.sinks, i, rotator) for i in range(self.num_layers)]
@@ -353,13 +356,18 @@ class SinkCache(Cache):
         self._next_layer = (layer_idx + 1) % self.num_layers
         if self._prepared:  # static step: no Python-side decision, shapes never change
             layer = self.layers[layer_idx]
-            layer.keys.index_copy_(2, self._slot, key_states)
-            layer.values.index_copy_(2, self._slot, value_states)
+            slot = self._slots.get(key_states.device)
+            if slot is None:  # a layer on another device (device_map): its own copy of the slot index
+                slot = self._slots[key_states.device] = next(iter(self._slots.values())).to(key_states.device)
+            layer.keys.index_copy_(2, slot, key_states)
+            layer.values.index_copy_(2, slot, value_states)
             if layer_idx == self.num_layers - 1:
                 self._prepared, self._undo = False, None
             return layer.keys, layer.values
         keys, values = self.layers[layer_idx].update(key_states, value_states, self._step)
         if self._band is not None:
+            if self._band.device != keys.device:
+                self._band = self._band.to(keys.device)  # layers are in device order: moved once per device
             attach_band(keys, self._band)
         return keys, values
 
@@ -398,7 +406,7 @@ class SinkCache(Cache):
                 f"{free / 2**30:.2f} GiB is available; lower window_size", self.window_size,
                 mentions=("sink_size", "window_size"))
         self.sinks.allocate(self.num_layers, key_states, self.sink_size)
-        self._slot = torch.zeros(1, dtype=torch.long, device=key_states.device)
+        self._slots = {key_states.device: torch.zeros(1, dtype=torch.long, device=key_states.device)}
         self._position = torch.zeros((1, 1), dtype=torch.long, device=key_states.device)
 
     def estimated_bytes(self, key_states: torch.Tensor) -> int:
@@ -411,7 +419,7 @@ class SinkCache(Cache):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (for memory accounting: :func:`streamingllm.memory.storage_bytes`)."""
-        out = [t for t in (self.sinks.keys, self.sinks.rotated, self._slot, self._position) if t is not None]
+        out = [t for t in (self.sinks.keys, self.sinks.rotated, self._position, *self._slots.values()) if t is not None]
         for layer in self.layers:
             if layer.is_initialized:
                 out += [layer.keys, layer.values, layer.sink_values]
@@ -458,7 +466,8 @@ class SinkCache(Cache):
         self._rotate_all_sinks(step)
         for layer in self.layers:
             layer.prepare_ring(step)
-        self._slot.fill_(step.slot)
+        for slot in self._slots.values():
+            slot.fill_(step.slot)
         self._position.fill_(p)
         self._prepared = True
         return self._position

@@ -131,7 +131,7 @@ class Timeline:
         rotates: True for RoPE models (keys carry their position), False for ALiBi.
         follows_positions: True when the cache sees the caller's position ids, and so may
             suggest rebased positions (:meth:`next_position`).
-        rebase_every: frame/in-cache drift (tokens) after which a rebase is suggested.
+        rebase_every: frame/in-cache drift (tokens) after which :meth:`next_position` rebases.
         ring_capable: single-token steps into a full cache may use :class:`RingStep` (needs
             ``capacity == S + W + 1`` and RoPE).
     """

@@ -1,0 +1,99 @@
+"""Issue 9's GPU checks, as one script for a machine with CUDA (run with a timeout; writes to --out).
+
+1. Precision drift on CUDA in float32/bfloat16/float16 against the float64 twin on the CPU
+   (benchmarks/precision_drift.py): early (1k-3k) vs late (25k-30k) tokens, and dense before eviction.
+2. ``device_map`` over one GPU and the CPU (layer 0 on cuda:0, layer 1 on the CPU): decoding and
+   exact chunks against the slow reference on the CPU.
+3. The prepared, compiled decode step on CUDA against eager.
+
+    python benchmarks/gpu_exactness.py --out "$OUT" [--tokens 30000]
+
+The GPU machine's transformers may be older than the supported range: install a supported wheel
+carried along first (pip install --no-deps transformers-5.24.0-py3-none-any.whl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from precision_drift import drift  # noqa: E402
+from reference import ReferenceSinkCache  # noqa: E402
+from tiny import VOCAB, tiny_model  # noqa: E402
+
+from streamingllm import SinkCache  # noqa: E402
+from streamingllm.feed import prefill  # noqa: E402
+from streamingllm.report import write_csv  # noqa: E402
+
+
+def reference_logits(model, ids, S, W):
+    cache = ReferenceSinkCache(model, S, W)
+    with torch.no_grad():
+        return torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], 1)
+
+
+def device_map_check(device: str) -> dict:
+    """Layer 0 on ``device``, layer 1 and the head on the CPU."""
+    from accelerate import dispatch_model
+
+    cpu = tiny_model("llama")
+    ref = reference_logits(cpu, ids := torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(1)), 4, 28)
+    split = dispatch_model(tiny_model("llama"), device_map={"model.embed_tokens": device, "model.layers.0": device,
+                                                            "model.layers.1": "cpu", "model.norm": "cpu",
+                                                            "model.rotary_emb": device, "lm_head": "cpu"})
+    cache = SinkCache(split, 4, 28, rebase_every=40)
+    got = torch.cat([prefill(split, cache, ids[:, :120].to(device), chunk_size=16, return_all_logits=True).cpu(),
+                     prefill(split, cache, ids[:, 120:].to(device), chunk_size=1, return_all_logits=True).cpu()], 1)
+    devices = sorted({str(l.keys.device) for l in cache.layers})
+    return {"check": "device_map", "max_abs_diff": (got - ref).abs().max().item(), "devices": " ".join(devices)}
+
+
+def compiled_check(device: str) -> dict:
+    model = tiny_model("llama").to(device)
+    ids = torch.randint(0, VOCAB, (1, 400), generator=torch.Generator().manual_seed(2)).to(device)
+    eager = SinkCache(model, 4, 60, rebase_every=100)
+    a = prefill(model, eager, ids, chunk_size=1, return_all_logits=True)
+    cache = SinkCache(model, 4, 60, rebase_every=100)
+    prefill(model, cache, ids[:, :80], chunk_size=1)
+    step = torch.compile(model.forward, mode="reduce-overhead", dynamic=False)
+    out, t0 = [], time.perf_counter()
+    with torch.no_grad():
+        for t in range(80, 400):
+            pos = cache.prepare_decode_step()
+            out.append(step(input_ids=ids[:, t : t + 1], cache=cache, position_ids=pos).logits.clone())
+    return {"check": "compiled_step", "max_abs_diff": (torch.cat(out, 1) - a[:, 80:]).abs().max().item(),
+            "seconds": time.perf_counter() - t0}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--tokens", type=int, default=30000)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    late = (max(args.tokens - 5000, 3000), args.tokens)
+    rows = []
+    for name in ("float32", "bfloat16", "float16"):
+        rows.append({"device": args.device, **drift(getattr(torch, name), args.tokens, late=late, device=args.device)})
+        print(json.dumps(rows[-1]), flush=True)
+        write_csv(rows, args.out / "drift.csv", list(rows[0]))
+    checks = []
+    for check in (device_map_check, compiled_check):
+        try:
+            checks.append(check(args.device))
+        except Exception as error:  # keep the other results
+            checks.append({"check": check.__name__, "error": f"{type(error).__name__}: {error}"[:500]})
+        print(json.dumps(checks[-1]), flush=True)
+    (args.out / "checks.json").write_text(json.dumps(checks, indent=1))
+
+
+if __name__ == "__main__":
+    main()
