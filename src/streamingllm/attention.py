@@ -32,8 +32,13 @@ def attach_band(keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return keys
 
 
+def band_of(keys: torch.Tensor) -> torch.Tensor | None:
+    """The band attached to ``keys`` by :func:`attach_band`, or None."""
+    return getattr(keys, _BAND, None)
+
+
 def _band_of(key: torch.Tensor, attention_mask):
-    band = getattr(key, _BAND, None)
+    band = band_of(key)
     return attention_mask if band is None else band
 
 

@@ -40,6 +40,7 @@ from .families import (Family, UnsupportedModelError, alibi_limit, check_rope_sc
                        rope_inv_freq, sliding_window_of)
 from .memory import available_bytes
 from .rotation import Rotator, compute_dtype
+from .rows import PaddedRows
 from .timeline import ConcatStep, RingStep, Step, Timeline, ViewStep
 
 
@@ -155,11 +156,16 @@ class SinkLayer(StaticLayer):
             V[:, :, o + step.n : o + step.n + step.q].copy_(value_states)
             keys, values = K[:, :, o : o + step.n + step.q], V[:, :, o : o + step.n + step.q]
         else:  # ConcatStep
-            sink_keys = self.sinks.for_layer(self.index, s0, step.sink_deltas, device=K.device)
-            sink_values = self.sink_values[:, :, :s0].repeat(1, 1, step.groups, 1)
+            copied = s0
+            if step.groups > 1:  # exact: every query sees the sinks through its copy, new ones included
+                self._store_new_sinks(step, key_states, value_states)
+                copied = s0 + step.new_sinks
+            sink_keys = self.sinks.for_layer(self.index, copied, step.sink_deltas, device=K.device)
+            sink_values = self.sink_values[:, :, :copied].repeat(1, 1, step.groups, 1)
             keys = torch.cat((sink_keys, K[:, :, lo:hi], key_states), dim=-2)
             values = torch.cat((sink_values, V[:, :, lo:hi], value_states), dim=-2)
-        self._store_new_sinks(step, key_states, value_states)
+        if not (isinstance(step, ConcatStep) and step.groups > 1):
+            self._store_new_sinks(step, key_states, value_states)
         if isinstance(step, ConcatStep) and step.kept:  # evict: keep the window's tail at buffer[S:]
             s1 = s0 + step.new_sinks
             K[:, :, s1 : s1 + step.kept].copy_(keys[:, :, -step.kept :])
@@ -333,6 +339,7 @@ class SinkCache(Cache):
         self.sinks = SinkKeys(rotator)
         self._step: Step | None = None
         self._band: torch.Tensor | None = None  # this forward's exact band mask, for sink-aware attention
+        self._rows: PaddedRows | None = None  # a left-padded batch: one stream per row
         self._next_layer = 0  # the layer whose update the running forward calls next
         self._prepared = False  # prepare_decode_step() did the bookkeeping of the next forward
         self._undo: tuple[Timeline, RingStep, int] | None = None  # the timeline before that step, the step, its position
@@ -354,6 +361,8 @@ class SinkCache(Cache):
             raise RuntimeError(f"SinkCache: update() for layer {layer_idx} while layer {self._next_layer} was expected; "
                                "a forward runs every layer in order, starting at layer 0")
         self._next_layer = (layer_idx + 1) % self.num_layers
+        if self._rows is not None:
+            return self._rows.update(key_states, value_states, layer_idx)
         if self._prepared:  # static step: no Python-side decision, shapes never change
             layer = self.layers[layer_idx]
             slot = self._slots.get(key_states.device)
@@ -384,13 +393,20 @@ class SinkCache(Cache):
             if key_states.shape[-2] == 1 and (torch.compiler.is_compiling() or self._position_matches(kwargs)):
                 return  # the forward that was prepared
             self._rollback()  # another forward: plan it as it is
-        p0 = _first_position(kwargs, key_states.shape[0])
+        positions = _position_ids(kwargs)
+        if self._rows is None and positions is not None and _padded(positions, key_states.shape[0]):
+            self._start_rows(key_states.shape[0])
+        if self._rows is not None:
+            self._rows.begin(None if positions is None else positions.expand(key_states.shape[0], -1),
+                             key_states.shape[-2])
+            return
+        p0 = None if positions is None else int(positions[0, 0])
         if self.sinks.keys is None:
             self._allocate(key_states)
         q, t = key_states.shape[-2], self.timeline
         self._band = None
-        if (t.overflows(q) and not (t.exact_next or t.fast_next or t.fast_chunks) and t.n_sink == t.sink_size
-                and self.family.positions == "rope" and is_sink_attention(self.config)):
+        if (t.overflows(q) and not (t.exact_next or t.fast_next or t.fast_chunks) and self.family.positions == "rope"
+                and is_sink_attention(self.config)):
             self._band = self.exact_chunk_mask(q, key_states.dtype, key_states.device)  # a new turn, say
         self._step = self.timeline.plan(q, p0)
         self._rotate_all_sinks(self._step)
@@ -455,8 +471,8 @@ class SinkCache(Cache):
         t = self.timeline
         if self._prepared:
             self._rollback()
-        if self._next_layer != 0:
-            return None  # an ordinary forward stopped part-way: the next one reports it
+        if self._next_layer != 0 or self._rows is not None:
+            return None  # an ordinary forward stopped part-way (the next one reports it), or a padded batch
         if not (t.ring_capable and self.sinks.keys is not None and t.n_sink == t.sink_size and t.window == t.window_size):
             return None
         before = dataclasses.replace(t)
@@ -472,11 +488,31 @@ class SinkCache(Cache):
         self._prepared = True
         return self._position
 
+    def _start_rows(self, batch: int) -> None:
+        """A left-padded batch arrives: give each row a stream of its own (see :mod:`streamingllm.rows`)."""
+        if self.timeline.seen:
+            raise ValueError("SinkCache: rows with different position ids arrived in a stream that has begun; "
+                             "a padded batch must start in a new cache")
+        if not (self.family.positions_visible and self.family.attention_interface and is_sink_attention(self.config)):
+            raise ValueError(
+                f"SinkCache: this batch is left-padded (its rows have other position ids), which needs a family whose "
+                f"position ids reach the cache and the sdpa or eager attention ({self.family.name} with "
+                f"attn_implementation={attention_implementation(self.config)!r} cannot); feed streams of equal length")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TrainedLengthWarning)  # said once already, by this cache
+            rows = [SinkCache(self.config, self.sink_size, self.window_size, rebase_every=self.timeline.rebase_every,
+                              fast_chunks=self.timeline.fast_chunks) for _ in range(batch)]
+        for row in rows:  # rotate with the model's own frequencies, as this cache does
+            row.sinks.rotator = self.sinks.rotator
+            for layer in row.layers:
+                layer.rotator = self.sinks.rotator
+        self._rows = PaddedRows(rows)
+
     def _position_matches(self, kwargs: dict) -> bool:
         """The forward gives the prepared position (or none, for families whose positions the model
         takes from ``get_seq_length()``, which is the prepared one there)."""
-        p0 = _first_position(kwargs, 1)
-        return p0 is None or p0 == self._undo[2]
+        positions = _position_ids(kwargs)
+        return positions is None or int(positions[0, 0]) == self._undo[2]
 
     def _rollback(self) -> None:
         """Undo a prepared step whose forward did not run (or not to the end): the timeline goes
@@ -501,7 +537,7 @@ class SinkCache(Cache):
         the model computes stay small however long the stream. None for ALiBi families (no
         positions). Passing none at all is exact too: the model then uses ``get_seq_length()``.
         """
-        if self.family.positions != "rope":
+        if self.family.positions != "rope" or self._rows is not None:
             return None
         if self._prepared and q != 1:
             self._rollback()
@@ -510,7 +546,10 @@ class SinkCache(Cache):
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens of the stream consumed so far (before a prepared step's forward runs); the
-        cached tokens for families that size their ALiBi bias from it (Falcon with ALiBi)."""
+        cached tokens for families that size their ALiBi bias from it (Falcon with ALiBi). For a
+        left-padded batch: the columns consumed, pads included (what ``generate()`` slices by)."""
+        if self._rows is not None:
+            return self._rows.columns
         t = self._settled()
         return t.length if self.family.bias_from_seq_length else t.seen
 
@@ -522,19 +561,26 @@ class SinkCache(Cache):
         super().reset()
         self.timeline.reset()
         self.sinks.rotated_for = None
-        self._prepared, self._undo, self._next_layer = False, None, 0
+        self._prepared, self._undo, self._next_layer, self._rows = False, None, 0, None
 
     # --- streaming helpers ------------------------------------------------------------
 
     @property
     def seen_tokens(self) -> int:
-        """Tokens of the stream processed so far (exact, unbounded)."""
-        return self._settled().seen
+        """Tokens of the stream processed so far (exact, unbounded); for a left-padded batch, the
+        columns (pads included)."""
+        return self._rows.columns if self._rows is not None else self._settled().seen
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens whose KV is held now (at most ``sink_size + window_size``)."""
-        return self._settled().length
+        """Tokens whose KV is held now (at most ``sink_size + window_size``; for a left-padded
+        batch, the most any row holds)."""
+        return self._rows.cached_tokens if self._rows is not None else self._settled().length
+
+    @property
+    def row_caches(self) -> list | None:
+        """The rows' own caches when this cache serves a left-padded batch, else None."""
+        return None if self._rows is None else self._rows.rows
 
     def _settled(self) -> Timeline:
         """The timeline as of the last forward that ran (not counting a prepared step)."""
@@ -572,24 +618,19 @@ class SinkCache(Cache):
         t = self.timeline
         if not t.overflows(q):
             return None
-        if t.n_sink < t.sink_size:
-            raise ValueError(f"exact_chunk_mask: feed the first {t.sink_size + t.window_size + 1 - t.seen} tokens "
-                             "first (a chunk that fills the sinks and overflows at once has no banded layout)")
         if not self.exact_chunks:
             raise UnsupportedModelError(
                 f"exact chunked attention is not available for {self.family.name} with attn_implementation="
                 f"{attention_implementation(self.config)!r} (ALiBi, or no additive float masks): feed it token by token")
         t.exact_next = True
-        W, w, S = t.window_size, t.window, t.n_sink
-        i = torch.arange(q)[:, None]
-        groups = (i[:, 0] + w - W).clamp(min=0)
-        n_groups = int(groups[-1]) + 1
-        own_window = (w + i).clamp(max=W)  # tokens each query sees besides sinks and itself
-        g = torch.arange(n_groups * S)[None, :] // max(S, 1)
-        sink_ok = g == groups[:, None]
-        u = torch.arange(w + q)[None, :]  # window then new keys; distance to query i:
-        dist = (i + w) - u
-        recent_ok = (dist >= 0) & (dist <= own_window)
+        S, W, w, length = t.sink_size, t.window_size, t.window, t.length
+        at = length + torch.arange(q)[:, None]  # each query's index in the stream held (sinks first)
+        group = (at - S - W).clamp(min=0)  # how far its own window has overflowed: its copy of the sinks
+        copies = torch.arange((length + q - S - W) * S)[None, :]
+        sink_ok = (copies // max(S, 1) == group) & (copies % max(S, 1) <= at)  # a sink sees the sinks up to itself
+        # then the stored window and the new tokens, by stream index; sinks among them are seen through the copies
+        held = torch.cat((torch.arange(t.n_sink, t.n_sink + w), torch.arange(length, length + q)))[None, :]
+        recent_ok = (held >= S) & (held <= at) & (held >= at - W)
         allowed = torch.cat((sink_ok, recent_ok), dim=1)
         mask = torch.zeros(allowed.shape, dtype=dtype)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
@@ -597,19 +638,21 @@ class SinkCache(Cache):
 
 
 
-def _first_position(kwargs: dict, batch: int) -> int | None:
-    """The first position id of this forward, if the model passed position ids to the cache."""
+def _position_ids(kwargs: dict) -> torch.Tensor | None:
+    """The position ids (rows, q) of this forward, if the model passed them to the cache."""
     inner = kwargs.get("kwargs", kwargs)
     pos = inner.get("position_ids") if isinstance(inner, dict) else None
     if pos is None:
         return None
-    pos = pos.reshape(-1, pos.shape[-1]) if pos.dim() > 1 else pos[None]
-    if pos.shape[0] > 1 and bool((pos != pos[:1]).any()):
-        raise ValueError(
-            "SinkCache: the rows of this batch have different position ids (left padding?). "
-            "Streams in one batch must have equal lengths and no padding."
-        )
-    return int(pos[0, 0])
+    return pos.reshape(-1, pos.shape[-1]) if pos.dim() > 1 else pos[None]
+
+
+def _padded(positions: torch.Tensor, batch: int) -> bool:
+    """True when the rows' position ids differ, or are not consecutive (left padding)."""
+    if positions.shape[0] > 1 and bool((positions != positions[:1]).any()):
+        return True
+    q = positions.shape[-1]
+    return q > 1 and bool((positions[:, -1] - positions[:, 0] != q - 1).any())
 
 
 def _check_attention(config) -> None:

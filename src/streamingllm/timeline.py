@@ -214,7 +214,7 @@ class Timeline:
             evicted = self.window + q - new_sinks - kept
             common = dict(q=q, n=n, n_sink=self.n_sink, new_sinks=new_sinks, kept=kept, prev_off=self.off, **rope)
             if self.exact_next and self.overflows(q):
-                step = ConcatStep(groups=self.window + q - W, **common)
+                step = ConcatStep(groups=self.length + q - S - W, **common)
             elif self.off + n + q > self.capacity and n + q > self.capacity:
                 step = ConcatStep(**common)
             else:

@@ -86,6 +86,22 @@ def test_exact_chunked_prefill_equals_token_by_token(family, sink_size, window_s
     assert (a - b).abs().max().item() <= TOL
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "falcon", "qwen3"])
+@pytest.mark.parametrize("sink_size, window_size", [(4, 28), (0, 9), (1, 20)])
+@pytest.mark.parametrize("first", [0, 2])
+def test_an_exact_chunk_may_fill_the_sinks_and_overflow_at_once(family, sink_size, window_size, first):
+    """A chunk larger than the cache into a fresh (or barely begun) stream: its first tokens become
+    the sinks, which the overflowing queries see through their copies."""
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (2, 120), generator=torch.Generator().manual_seed(19))
+    cache = SinkCache(model, sink_size, window_size)
+    with torch.no_grad():
+        a = [model(ids[:, :first], cache=cache).logits] if first else []
+        a.append(model(ids[:, first:], cache=cache, attention_mask=cache.exact_chunk_mask(120 - first)).logits)
+    b = _decode_logits(model, ReferenceSinkCache(model, sink_size, window_size), ids)
+    assert (torch.cat(a, 1) - b).abs().max().item() <= TOL
+
+
 def test_fast_prefill_is_bounded_and_continues_exactly():
     """Fast mode (plain causal mask inside a chunk) equals the reference fed the same chunks, and
     the decoding that follows it equals the reference's: the cache it leaves is well formed."""
@@ -110,12 +126,14 @@ def test_batch_of_streams_equals_single_streams(family):
         assert (batched[row] - single[0]).abs().max().item() <= TOL
 
 
-def test_left_padding_is_refused():
+def test_left_padding_is_refused_where_rows_cannot_be_told_apart():
+    """Padded batches need the rows' position ids and a sink-aware attention; flex has none."""
     model = tiny_model("llama")
+    model.set_attn_implementation("flex_attention")
     ids = torch.randint(1, VOCAB, (2, 10))
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    with pytest.raises(ValueError, match="left padding"):
+    with pytest.raises(ValueError, match="left-padded"):
         model.generate(ids, attention_mask=mask, cache=SinkCache(model, 4, 16), max_new_tokens=3, pad_token_id=0)
 
 

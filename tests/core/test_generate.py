@@ -101,14 +101,24 @@ def test_falcon_alibi_cannot_continue_through_generate_after_eviction():
         streamingllm.generate(model, seq, SinkCache(model, S, W), max_new_tokens=2, do_sample=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt_neox"])
-def test_a_long_first_prompt_through_model_generate_is_refused_not_approximated(family):
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "phi3"])
+def test_a_long_first_prompt_through_model_generate_is_exact(family):
+    """A 90-token prompt into a 4+28 cache in one forward: served with its band (the new sinks
+    are stored first and seen through their copies), equal to streaming it token by token."""
+    model = _model(family)
+    seq, turns = _turns(_model_generate, model, lengths=(90, 8), new=20, do_sample=False)
+    _assert_turns_match_reference(model, seq, turns)
+
+
+@pytest.mark.parametrize("family", OWN_ATTENTION)
+def test_a_long_first_prompt_without_a_band_is_refused_not_approximated(family):
     model = _model(family)
     seq = torch.randint(1, VOCAB, (1, 60), generator=torch.Generator().manual_seed(4))
+    kw = dict(max_new_tokens=2, do_sample=False, use_cache=True, pad_token_id=0)
     with pytest.raises(ApproximateChunkError, match="streamingllm.generate"):
-        model.generate(seq, cache=SinkCache(model, S, W), max_new_tokens=2, do_sample=False)
+        model.generate(seq, cache=SinkCache(model, S, W), **kw)
     fast = SinkCache(model, S, W, fast_chunks=True)  # the explicit opt-in
-    assert model.generate(seq, cache=fast, max_new_tokens=2, do_sample=False).shape[1] == 62
+    assert model.generate(seq, cache=fast, **kw).shape[1] == 62
 
 
 def test_the_band_is_what_makes_turns_exact():
@@ -157,3 +167,38 @@ def test_flash_attention_is_refused_before_any_work(implementation):
     config._attn_implementation = implementation
     with pytest.raises(UnsupportedModelError, match="attn_implementation='sdpa'"):
         SinkCache(config, S, W)
+
+
+def _left_padded(rows):
+    longest = max(r.shape[1] for r in rows)
+    ids = torch.zeros(len(rows), longest, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, longest - r.shape[1] :], mask[i, longest - r.shape[1] :] = r[0], 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
+def test_left_padded_batches_stream_each_row_as_alone(family):
+    """Rows of 30, 20 and 9 tokens, left-padded, two turns of generate() past eviction: each row's
+    logits equal its own single stream's, and so do the reference's."""
+    model = _model(family)
+    g = torch.Generator().manual_seed(6)
+    rows = [torch.randint(1, VOCAB, (1, n), generator=g) for n in (30, 20, 9)]
+    ids, mask = _left_padded(rows)
+    cache = SinkCache(model, S, W)
+    kw = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
+    first = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=40, **kw)
+    more = torch.randint(1, VOCAB, (3, 6), generator=g)  # every conversation adds a 6-token turn
+    seq = torch.cat([first.sequences, more], 1)
+    second = model.generate(seq, attention_mask=torch.cat([mask, torch.ones(3, seq.shape[1] - mask.shape[1],
+                            dtype=torch.long)], 1), cache=cache, max_new_tokens=20, **kw)
+    assert len(cache.row_caches) == 3 and cache.cached_tokens == S + W
+    logits = torch.cat([torch.stack(first.logits, 1), torch.stack(second.logits, 1)], 1)
+    for r, row in enumerate(rows):
+        stream = torch.cat([row, first.sequences[r : r + 1, ids.shape[1] :], more[r : r + 1],
+                            second.sequences[r : r + 1, seq.shape[1] :]], 1)
+        ref = _reference_logits(model, stream)
+        n = row.shape[1]
+        expected = torch.cat([ref[n - 1 : n - 1 + 40], ref[n + 40 + 6 - 1 : n + 40 + 6 - 1 + 20]])
+        assert (logits[r] - expected).abs().max().item() <= TOL

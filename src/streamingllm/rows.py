@@ -1,0 +1,87 @@
+"""Left-padded batches: every row streams exactly as it would alone.
+
+The rows of a left-padded batch have different lengths, so each keeps other tokens and evicts at
+other times. :class:`PaddedRows` gives each row a cache of its own (batch 1), fed only that row's
+real tokens: in each forward, row ``r``'s real tokens are its last ``k_r`` columns, found from the
+position ids the model passes to the cache (transformers computes them per row from the attention
+mask: pads get 0, real tokens ``0, 1, 2, ...``). It stacks the rows' keys and values, padded to the
+longest, and attaches the per-row mask (each row's own causal mask or exact band, shifted to its
+columns) that the sink-aware attention (:mod:`streamingllm.attention`) uses instead of the model's.
+
+The cost is that of the rows' own caches plus one stacking copy per layer and step.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .attention import attach_band, band_of
+
+
+class PaddedRows:
+    """The per-row streams of one left-padded batch.
+
+    Args:
+        rows: one cache (batch 1) per row, each a :class:`~streamingllm.cache.SinkCache`.
+    """
+
+    def __init__(self, rows: list):
+        self.rows = rows
+        self.columns = 0  # columns of the batch consumed (pads included): what generate() slices by
+        self._new: list[int] = []
+        self._positions: torch.Tensor | None = None
+        self._mask: torch.Tensor | None = None
+
+    def begin(self, positions: torch.Tensor | None, q: int) -> None:
+        """Start a forward of ``q`` columns whose position ids are ``positions`` (batch, q)."""
+        if positions is None or positions.shape[0] != len(self.rows):
+            raise ValueError("SinkCache: a padded batch needs the model's position ids for every row "
+                             "(transformers' generate() computes them from attention_mask)")
+        self._positions = positions
+        self._new = [int(positions[r, -1]) + 1 - row.seen_tokens for r, row in enumerate(self.rows)]
+        bad = [r for r, k in enumerate(self._new) if not 1 <= k <= q]
+        if bad:
+            raise ValueError(
+                f"SinkCache: rows {bad} of this padded batch: their position ids do not continue the tokens they "
+                "consumed, or they have no real token in this forward; pass the attention_mask of the whole batch")
+        self._mask = None
+        self.columns += q
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
+        """Feed each row its real columns; return the stacked keys/values (batch, heads, longest, dim)."""
+        q = key_states.shape[-2]
+        keys, values = [], []
+        for r, (row, k) in enumerate(zip(self.rows, self._new)):
+            kr, vr = row.update(key_states[r : r + 1, :, q - k :], value_states[r : r + 1, :, q - k :], layer_idx,
+                                position_ids=self._positions[r : r + 1, q - k :])
+            keys.append(kr)
+            values.append(vr)
+        if self._mask is None:
+            self._mask = self._build_mask(keys, q)
+        longest = self._mask.shape[-1]
+        pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[-2]))
+        stacked = torch.cat([pad(t) for t in keys]), torch.cat([pad(t) for t in values])
+        attach_band(stacked[0], self._mask if self._mask.device == key_states.device else self._mask.to(key_states.device))
+        return stacked
+
+    def _build_mask(self, keys: list[torch.Tensor], q: int) -> torch.Tensor:
+        """(batch, 1, q, longest) additive mask: row r's own mask on its last k_r query columns and its
+        own keys; its pad columns see its first key only (their outputs are never used)."""
+        longest = max(t.shape[-2] for t in keys)
+        dtype, device = keys[0].dtype, keys[0].device
+        allowed = torch.zeros((len(keys), 1, q, longest), dtype=torch.bool, device=device)
+        for r, (kr, k) in enumerate(zip(keys, self._new)):
+            n = kr.shape[-2]
+            band = band_of(kr)
+            if band is not None:  # the row's exact band for an overflowing chunk
+                allowed[r, 0, q - k :, :n] = band[0, 0] == 0
+            else:  # the row's causal mask, aligned to its last key
+                i = torch.arange(k, device=device)[:, None]
+                allowed[r, 0, q - k :, :n] = torch.arange(n, device=device)[None, :] <= n - k + i
+            allowed[r, 0, : q - k, 0] = True
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    @property
+    def cached_tokens(self) -> int:
+        return max(row.cached_tokens for row in self.rows)
