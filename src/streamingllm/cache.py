@@ -53,30 +53,54 @@ class TrainedLengthWarning(UserWarning):
 
 
 class SinkKeys:
-    """The stored sink keys of every layer in one tensor (layers, batch, kv_heads, S, head_dim),
-    so that one step rotates all layers' sinks with one set of ops.
+    """The stored sink keys of every layer, one tensor (layers, batch, kv_heads, S, head_dim) per
+    device the layers sit on, so that one step rotates all layers' sinks with one set of ops per
+    device (one device unless the model is split with ``device_map``).
 
     Stored keys are in the frame of the stream's first token, in at least float32 (bf16/fp16 sinks
     are rotated from a float32 copy and rounded once, so their error does not grow with the
     stream); :meth:`rotate_all` writes this step's rotation of them, in the model's dtype, into a
-    second tensor that the layers copy from.
+    second tensor per device that the layers copy from.
+
+    Args:
+        rotator: rotates keys by position differences (None for ALiBi: nothing is rotated).
+        layer_devices: the device of each layer, where known (None: all on the device of the
+            first keys the cache sees).
     """
 
-    def __init__(self, rotator: Rotator | None):
+    def __init__(self, rotator: Rotator | None, layer_devices: list[torch.device] | None = None):
         self.rotator = rotator
-        self.keys: torch.Tensor | None = None
-        self.rotated: torch.Tensor | None = None
-        self.rotated_for: tuple[int, int] | None = None  # (n_sink, delta) that `rotated` holds
+        self.layer_devices = layer_devices
+        self.groups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (stored, rotated) per device
+        self.where: list[tuple[int, int]] = []  # per layer: (group, index in the group)
+        self.rotated_for: tuple[int, int] | None = None  # (n_sink, delta) that the rotated tensors hold
+
+    @property
+    def allocated(self) -> bool:
+        return bool(self.groups)
 
     def allocate(self, num_layers: int, key_states: torch.Tensor, sink_size: int) -> None:
-        shape = (num_layers, *key_states.shape[:2], sink_size, key_states.shape[-1])
-        self.keys = key_states.new_zeros(shape, dtype=compute_dtype(key_states.dtype))
-        self.rotated = key_states.new_empty(shape)
+        devices = self.layer_devices or [key_states.device] * num_layers
+        order = list(dict.fromkeys(devices))  # each device once, in layer order
+        self.where = [(order.index(d), devices[:i].count(d)) for i, d in enumerate(devices)]
+        self.groups = []
+        for device in order:
+            shape = (devices.count(device), *key_states.shape[:2], sink_size, key_states.shape[-1])
+            stored = torch.zeros(shape, dtype=compute_dtype(key_states.dtype), device=device)
+            self.groups.append((stored, torch.empty(shape, dtype=key_states.dtype, device=device)))
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for group in self.groups for t in group]
+
+    def stored(self, layer: int) -> torch.Tensor:
+        """Layer ``layer``'s stored sink keys (batch, kv_heads, S, head_dim), on its device."""
+        group, index = self.where[layer]
+        return self.groups[group][0][index]
 
     def store(self, layer: int, start: int, keys: torch.Tensor, delta: int) -> None:
         """Store new sink keys of ``layer`` at sink index ``start``, rotated by ``delta`` positions
         into the stored frame (the rotation runs at the stored precision)."""
-        out = self.keys[layer, :, :, start : start + keys.shape[-2]]
+        out = self.stored(layer)[:, :, start : start + keys.shape[-2]]
         if self.rotator is not None and delta:
             self.rotator.rotate_by(keys.to(out.dtype), (delta,), out=out)
         else:
@@ -86,30 +110,45 @@ class SinkKeys:
         """Rotate the first ``n_sink`` sinks of every layer by ``delta`` positions."""
         self.rotated_for = None
         if n_sink:
-            rotated = self.rotated[..., :n_sink, :]
-            if self.rotator is not None and delta:
-                self.rotator.rotate_by(self.keys[..., :n_sink, :], (delta,), out=rotated)
-            else:
-                rotated.copy_(self.keys[..., :n_sink, :])
+            for stored, rotated in self.groups:
+                if self.rotator is not None and delta:
+                    self.rotator.rotate_by(stored[..., :n_sink, :], (delta,), out=rotated[..., :n_sink, :])
+                else:
+                    rotated[..., :n_sink, :].copy_(stored[..., :n_sink, :])
             self.rotated_for = (n_sink, delta)
 
-    def for_layer(self, layer: int, n_sink: int, deltas: tuple[int, ...], out: torch.Tensor | None = None,
-                  device=None):
-        """Layer ``layer``'s first ``n_sink`` sink keys in the model's dtype, rotated by each delta in
-        turn (one group of ``n_sink`` keys per delta), written into ``out`` when given, else into a
-        new tensor on ``device`` (the layer's: with ``device_map`` layers may sit on other devices
-        than this store, which is on the first layer's)."""
+    def for_layer(self, layer: int, n_sink: int, deltas: tuple[int, ...], out: torch.Tensor | None = None):
+        """Layer ``layer``'s first ``n_sink`` sink keys in the model's dtype, on its device, rotated
+        by each delta in turn (one group of ``n_sink`` keys per delta), written into ``out`` when given."""
+        group, index = self.where[layer]
         if len(deltas) == 1 and self.rotated_for == (n_sink, deltas[0]):
-            rotated = self.rotated[layer, :, :, :n_sink]
-            return rotated.to(device) if out is None else out.copy_(rotated)
-        keys = self.keys[layer, :, :, :n_sink]
+            rotated = self.groups[group][1][index, :, :, :n_sink]
+            return rotated if out is None else out.copy_(rotated)
+        keys = self.stored(layer)[:, :, :n_sink]
         if len(deltas) > 1:
             keys = keys.repeat(1, 1, len(deltas), 1)
         if out is None:
-            out = torch.empty(keys.shape, dtype=self.rotated.dtype, device=device or keys.device)
+            out = torch.empty(keys.shape, dtype=self.groups[group][1].dtype, device=keys.device)
         if self.rotator is None or deltas == (0,):
             return out.copy_(keys)
         return self.rotator.rotate_by(keys, deltas, repeats=n_sink, out=out)
+
+
+def _layer_devices(model_or_config, num_layers: int) -> list[torch.device] | None:
+    """The device of each decoder layer's attention (modules with a ``layer_idx``), when a model is
+    given and every layer is found; None otherwise."""
+    if not isinstance(model_or_config, torch.nn.Module):
+        return None
+    devices: dict[int, torch.device] = {}
+    for module in model_or_config.modules():
+        index = getattr(module, "layer_idx", None)
+        if isinstance(index, int) and index not in devices:
+            weight = next(module.parameters(recurse=True), None)
+            if weight is not None and weight.device.type != "meta":
+                devices[index] = weight.device
+    if sorted(devices) != list(range(num_layers)):
+        return None
+    return [devices[i] for i in range(num_layers)]
 
 
 class SinkLayer(StaticLayer):
@@ -160,7 +199,7 @@ class SinkLayer(StaticLayer):
             if step.groups > 1:  # exact: every query sees the sinks through its copy, new ones included
                 self._store_new_sinks(step, key_states, value_states)
                 copied = s0 + step.new_sinks
-            sink_keys = self.sinks.for_layer(self.index, copied, step.sink_deltas, device=K.device)
+            sink_keys = self.sinks.for_layer(self.index, copied, step.sink_deltas)
             sink_values = self.sink_values[:, :, :copied].repeat(1, 1, step.groups, 1)
             keys = torch.cat((sink_keys, K[:, :, lo:hi], key_states), dim=-2)
             values = torch.cat((sink_values, V[:, :, lo:hi], value_states), dim=-2)
@@ -196,7 +235,7 @@ class SinkLayer(StaticLayer):
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            for t in (self.keys, self.values, self.sinks.keys[self.index], self.sink_values):
+            for t in (self.keys, self.values, self.sinks.stored(self.index), self.sink_values):
                 t.copy_(t.index_select(0, beam_idx.to(t.device)))
             self.sinks.rotated_for = None
 
@@ -336,7 +375,7 @@ class SinkCache(Cache):
             fast_chunks=bool(fast_chunks),
         )
         self.num_layers = config.num_hidden_layers
-        self.sinks = SinkKeys(rotator)
+        self.sinks = SinkKeys(rotator, _layer_devices(model_or_config, self.num_layers))
         self._step: Step | None = None
         self._band: torch.Tensor | None = None  # this forward's exact band mask, for sink-aware attention
         self._rows: PaddedRows | None = None  # a left-padded batch: one stream per row
@@ -401,7 +440,7 @@ class SinkCache(Cache):
                              key_states.shape[-2])
             return
         p0 = None if positions is None else int(positions[0, 0])
-        if self.sinks.keys is None:
+        if not self.sinks.allocated:
             self._allocate(key_states)
         q, t = key_states.shape[-2], self.timeline
         self._band = None
@@ -435,7 +474,7 @@ class SinkCache(Cache):
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (for memory accounting: :func:`streamingllm.memory.storage_bytes`)."""
-        out = [t for t in (self.sinks.keys, self.sinks.rotated, self._position, *self._slots.values()) if t is not None]
+        out = [*self.sinks.tensors(), *(t for t in (self._position, *self._slots.values()) if t is not None)]
         for layer in self.layers:
             if layer.is_initialized:
                 out += [layer.keys, layer.values, layer.sink_values]
@@ -473,7 +512,7 @@ class SinkCache(Cache):
             self._rollback()
         if self._next_layer != 0 or self._rows is not None:
             return None  # an ordinary forward stopped part-way (the next one reports it), or a padded batch
-        if not (t.ring_capable and self.sinks.keys is not None and t.n_sink == t.sink_size and t.window == t.window_size):
+        if not (t.ring_capable and self.sinks.allocated and t.n_sink == t.sink_size and t.window == t.window_size):
             return None
         before = dataclasses.replace(t)
         p = t.next_position()
@@ -502,8 +541,8 @@ class SinkCache(Cache):
             warnings.simplefilter("ignore", TrainedLengthWarning)  # said once already, by this cache
             rows = [SinkCache(self.config, self.sink_size, self.window_size, rebase_every=self.timeline.rebase_every,
                               fast_chunks=self.timeline.fast_chunks) for _ in range(batch)]
-        for row in rows:  # rotate with the model's own frequencies, as this cache does
-            row.sinks.rotator = self.sinks.rotator
+        for row in rows:  # rotate with the model's own frequencies, keep sinks on the layers' devices
+            row.sinks.rotator, row.sinks.layer_devices = self.sinks.rotator, self.sinks.layer_devices
             for layer in row.layers:
                 layer.rotator = self.sinks.rotator
         self._rows = PaddedRows(rows)

@@ -372,7 +372,7 @@ def test_a_cache_too_large_for_memory_is_refused_before_allocating(monkeypatch):
     cache = SinkCache(model, 4, 1000)
     with pytest.raises(CacheTooLargeError, match="GiB .* lower window_size"):
         prefill(model, cache, ids)
-    assert cache.sinks.keys is None and not cache.layers[0].is_initialized  # nothing was allocated
+    assert not cache.sinks.allocated and not cache.layers[0].is_initialized  # nothing was allocated
 
 
 @pytest.mark.slow
@@ -419,3 +419,22 @@ def test_rope_scalings_that_change_with_length_are_refused(params):
     config = tiny_config("llama", rope_parameters={"rope_theta": 10000.0, **params}, max_position_embeddings=256)
     with pytest.raises(UnsupportedModelError, match=f"rope_type='{params['rope_type']}'"):
         SinkCache(config, 4, 20)
+
+
+def test_the_sink_store_lives_on_each_layers_device():
+    """device_map: each layer's stored and rotated sinks sit on that layer's device (here the CPU
+    and the shape-only meta device stand in for two devices)."""
+    from streamingllm.cache import SinkKeys, _layer_devices
+    from streamingllm.rotation import Rotator
+
+    cpu, meta = torch.device("cpu"), torch.device("meta")
+    sinks = SinkKeys(Rotator(torch.ones(4)), [cpu, meta, cpu])
+    sinks.allocate(3, torch.zeros(1, 2, 5, 8), 4)
+    assert [sinks.stored(i).device for i in range(3)] == [cpu, meta, cpu]
+    assert [g[0].shape[0] for g in sinks.groups] == [2, 1] and sinks.groups[1][1].device == meta
+    sinks.store(1, 0, torch.zeros(1, 2, 2, 8, device=meta), 3)
+    sinks.store(2, 0, torch.ones(1, 2, 2, 8), 3)
+    sinks.rotate_all(2, 5)
+    assert sinks.for_layer(1, 2, (5,)).device == meta and sinks.for_layer(2, 2, (5, 6)).shape == (1, 2, 4, 8)
+    assert sinks.for_layer(0, 2, (5,)).abs().sum() == 0 and sinks.for_layer(2, 2, (5,)).abs().sum() > 0
+    assert _layer_devices(tiny_model("llama"), 2) == [cpu, cpu] and _layer_devices(tiny_config("llama"), 2) is None
