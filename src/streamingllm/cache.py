@@ -296,7 +296,6 @@ class RopeSinkLayer(SinkLayer):
         return lo, hi
 
 
-
 class SinkCache(Cache):
     """StreamingLLM's attention-sink cache for transformers 5 models.
 
@@ -433,7 +432,7 @@ class SinkCache(Cache):
                 return  # the forward that was prepared
             self._rollback()  # another forward: plan it as it is
         positions = _position_ids(kwargs)
-        if self._rows is None and positions is not None and _padded(positions, key_states.shape[0]):
+        if self._rows is None and positions is not None and _padded(positions):
             self._start_rows(key_states.shape[0])
         if self._rows is not None:
             self._rows.begin(None if positions is None else positions.expand(key_states.shape[0], -1),
@@ -478,6 +477,8 @@ class SinkCache(Cache):
         for layer in self.layers:
             if layer.is_initialized:
                 out += [layer.keys, layer.values, layer.sink_values]
+        for row in self.row_caches or ():
+            out += row.tensors()
         return out
 
     def _rotate_all_sinks(self, step: Step) -> None:
@@ -676,7 +677,6 @@ class SinkCache(Cache):
         return mask[None, None].to(device) if device is not None else mask[None, None]
 
 
-
 def _position_ids(kwargs: dict) -> torch.Tensor | None:
     """The position ids (rows, q) of this forward, if the model passed them to the cache."""
     inner = kwargs.get("kwargs", kwargs)
@@ -686,7 +686,7 @@ def _position_ids(kwargs: dict) -> torch.Tensor | None:
     return pos.reshape(-1, pos.shape[-1]) if pos.dim() > 1 else pos[None]
 
 
-def _padded(positions: torch.Tensor, batch: int) -> bool:
+def _padded(positions: torch.Tensor) -> bool:
     """True when the rows' position ids differ, or are not consecutive (left padding)."""
     if positions.shape[0] > 1 and bool((positions != positions[:1]).any()):
         return True

@@ -220,7 +220,9 @@ def generate(model, input_ids, cache: SinkCache, chunk_size: int = 256, exact_pr
     Args:
         model: a causal LM whose family ``cache`` was built for.
         input_ids: the whole conversation so far, (T,) or (B, T); its first
-            ``cache.seen_tokens`` tokens are taken as already consumed.
+            ``cache.seen_tokens`` tokens are taken as already consumed. A left-padded batch
+            (``attention_mask`` with zeros) goes to ``model.generate`` directly: the cache
+            streams each row on its own, with exact bands (see :mod:`streamingllm.rows`).
         cache: the :class:`SinkCache` (it may already hold the start of the conversation).
         chunk_size: prompt tokens per forward pass (>= 1).
         exact_prefill: False feeds the prompt with the model's plain causal mask inside each
@@ -233,6 +235,9 @@ def generate(model, input_ids, cache: SinkCache, chunk_size: int = 256, exact_pr
         What ``model.generate`` returns (the whole sequence, or its output object).
     """
     ids = _as_batch(input_ids).to(model.device)
+    mask = generate_kwargs.get("attention_mask")
+    if mask is not None and not bool(mask.all()):  # left padding: the cache streams each row itself
+        return model.generate(ids, **cache_kwargs(model, cache), **generate_kwargs)
     seen = cache.seen_tokens
     if ids.shape[1] <= seen:
         raise ValueError(f"input_ids has {ids.shape[1]} tokens but the cache has consumed {seen}: "

@@ -178,8 +178,9 @@ def _left_padded(rows):
     return ids, mask
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma"])
-def test_left_padded_batches_stream_each_row_as_alone(family):
+@pytest.mark.parametrize("family, generate", [("llama", _model_generate), ("qwen3", _model_generate),
+                                              ("gemma", streamingllm.generate)])
+def test_left_padded_batches_stream_each_row_as_alone(family, generate):
     """Rows of 30, 20 and 9 tokens, left-padded, two turns of generate() past eviction: each row's
     logits equal its own single stream's, and so do the reference's."""
     model = _model(family)
@@ -188,11 +189,11 @@ def test_left_padded_batches_stream_each_row_as_alone(family):
     ids, mask = _left_padded(rows)
     cache = SinkCache(model, S, W)
     kw = dict(do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_logits=True)
-    first = model.generate(ids, attention_mask=mask, cache=cache, max_new_tokens=40, **kw)
+    first = generate(model, ids, cache, attention_mask=mask, max_new_tokens=40, **kw)
     more = torch.randint(1, VOCAB, (3, 6), generator=g)  # every conversation adds a 6-token turn
     seq = torch.cat([first.sequences, more], 1)
-    second = model.generate(seq, attention_mask=torch.cat([mask, torch.ones(3, seq.shape[1] - mask.shape[1],
-                            dtype=torch.long)], 1), cache=cache, max_new_tokens=20, **kw)
+    second = generate(model, seq, cache, attention_mask=torch.cat([mask, torch.ones(3, seq.shape[1] - mask.shape[1],
+                      dtype=torch.long)], 1), max_new_tokens=20, **kw)
     assert len(cache.row_caches) == 3 and cache.cached_tokens == S + W
     logits = torch.cat([torch.stack(first.logits, 1), torch.stack(second.logits, 1)], 1)
     for r, row in enumerate(rows):
