@@ -37,12 +37,23 @@ class Sampling:
         top_k: keep only the k most likely tokens (0 = no limit).
         top_p: keep the smallest set of tokens whose probability sums to >= top_p (1 = no limit).
         seed: random seed for sampling (None = not seeded).
+        repetition_penalty: divides the positive logits and multiplies the negative ones of the
+            tokens among the last ``penalty_last_n`` (as transformers and llama.cpp do; > 0,
+            1 = off, > 1 discourages repeats).
+        presence_penalty: subtracted once from the logits of those tokens (OpenAI's; 0 = off).
+        frequency_penalty: subtracted from their logits once per occurrence (OpenAI's; 0 = off).
+        penalty_last_n: how many of the most recent tokens (prompt and reply) the penalties look
+            at (>= 0; bounded, like everything in a stream).
     """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
 
     def __post_init__(self):
         check_float("temperature", self.temperature, 0.0)
@@ -50,6 +61,28 @@ class Sampling:
         check_float("top_p", self.top_p, 0.0, 1.0, open_min=True)
         if self.seed is not None:
             check_int("seed", self.seed)
+        check_float("repetition_penalty", self.repetition_penalty, 0.0, open_min=True)
+        check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
+        check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
+        check_int("penalty_last_n", self.penalty_last_n, 0)
+
+    @property
+    def penalizes(self) -> bool:
+        """True when any penalty is on (so the caller must keep the recent tokens)."""
+        return bool(self.penalty_last_n) and (
+            self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
+
+    def penalize(self, logits: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
+        """``logits`` (B, vocab) with the penalties applied for the ``recent`` tokens (B, n) int64."""
+        if not self.penalizes or recent.shape[-1] == 0:
+            return logits
+        logits = logits.float()
+        counts = torch.zeros_like(logits).scatter_add_(-1, recent, torch.ones_like(recent, dtype=logits.dtype))
+        present = counts > 0
+        if self.repetition_penalty != 1.0:
+            scaled = torch.where(logits > 0, logits / self.repetition_penalty, logits * self.repetition_penalty)
+            logits = torch.where(present, scaled, logits)
+        return logits - self.presence_penalty * present - self.frequency_penalty * counts
 
     def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Choose the next token for each row of ``logits`` (B, vocab); returns (B,) int64."""
@@ -160,6 +193,7 @@ def generate_tokens(
     chunk_size: int = 256,
     exact_prefill: bool = True,
     prefill_progress: Callable[[int], None] | None = None,
+    min_new_tokens: int = 0,
 ) -> Iterator[torch.Tensor]:
     """Prefill ``input_ids`` and yield up to ``max_new_tokens`` new tokens, one (B,) tensor per step.
 
@@ -173,8 +207,12 @@ def generate_tokens(
         stop_token_ids: token ids that end a row's generation (the stop token is yielded).
         exact_prefill: exact banded attention inside prompt chunks (see :func:`prefill`).
         prefill_progress: ``progress(n_prompt_tokens_done)`` after each prompt chunk.
+        min_new_tokens: the stop tokens are suppressed (their logits set to -inf) for this many
+            tokens, so a reply is at least this long (>= 0; llama.cpp's way, instead of ignoring
+            the end of turn and writing past it).
     """
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
+    min_new_tokens = check_int("min_new_tokens", min_new_tokens, 0)
     if max_new_tokens == 0:
         return
     generator = None
@@ -185,9 +223,16 @@ def generate_tokens(
     step_ids = torch.empty((ids.shape[0], 1), dtype=torch.long, device=model.device)  # reused every step
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
     stops = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=model.device)
+    recent = ids[:, -sampling.penalty_last_n :].to(model.device) if sampling.penalizes else None
     pass_cache = cache_kwargs(model, cache)
     for i in range(max_new_tokens):
+        if recent is not None:
+            logits = sampling.penalize(logits, recent)
+        if i < min_new_tokens and len(stops):
+            logits = logits.index_fill(-1, stops, float("-inf"))
         token = sampling.pick(logits, generator)
+        if recent is not None:
+            recent = torch.cat((recent, token[:, None]), dim=1)[:, -sampling.penalty_last_n :]
         yield token
         if len(stops):
             finished |= torch.isin(token, stops)

@@ -16,7 +16,7 @@ import os
 from collections.abc import Iterator
 
 from .cache import SinkCache
-from .checks import check_int
+from .checks import ArgumentError, check_int
 from .feed import Sampling, generate_tokens, prefill
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -57,6 +57,36 @@ class TextDecoder:
         return new
 
 
+class StopStrings:
+    """Text shown up to the first stop string: :meth:`add` takes the next piece of text and returns
+    what can be shown now, holding back a tail that may be the start of a stop string."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops, self.text, self.shown, self.stopped = stops, "", 0, False
+
+    def add(self, piece: str) -> str:
+        if self.stopped or not piece:
+            return ""
+        self.text += piece
+        if not self.stops:
+            return self._show(len(self.text))
+        hits = [i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            self.stopped = True
+            return self._show(min(hits))
+        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+        return self._show(len(self.text) - held)
+
+    def flush(self) -> str:
+        """What was held back, once the reply has ended without a stop string."""
+        return "" if self.stopped else self._show(len(self.text))
+
+    def _show(self, end: int) -> str:
+        end = max(end, self.shown)
+        out, self.shown = self.text[self.shown : end], end
+        return out
+
+
 def _common_prefix(a: str, b: str) -> int:
     """Length of the longest common prefix of ``a`` and ``b``."""
     return len(os.path.commonprefix([a, b]))
@@ -71,26 +101,51 @@ class Session:
         sink_size: attention-sink tokens kept (tokens, >= 0).
         window_size: most recent tokens kept (tokens, >= 1).
         system: the system prompt, or None.
-        sampling: how reply tokens are chosen.
+        sampling: how reply tokens are chosen (including repetition/presence penalties).
         max_new_tokens: most tokens per reply (>= 1).
         chunk_size: prompt tokens per forward pass (>= 1).
+        min_new_tokens: the end-of-turn tokens are suppressed for this many reply tokens (>= 0).
+        stop: strings that end a reply; the reply shown stops before the first one (the cache
+            and the transcript keep what the model wrote, stop string included).
+        pin_system: keep the whole system prompt as attention sinks: its tokens are never
+            evicted, so the assistant keeps its instructions however long the conversation. The
+            cache then holds ``max(sink_size, pinned_tokens) + window_size`` tokens.
 
     Attributes:
         cache: the session's :class:`SinkCache` (``cache.seen_tokens`` counts the whole conversation).
         messages: the transcript so far (system, user and assistant messages).
+        pinned_tokens: template tokens of the system prompt kept as sinks (0 without ``pin_system``).
     """
 
     def __init__(self, model, tokenizer, sink_size: int = 4, window_size: int = 1020, *, system: str | None = None,
-                 sampling: Sampling = Sampling(), max_new_tokens: int = 256, chunk_size: int = 256):
+                 sampling: Sampling = Sampling(), max_new_tokens: int = 256, chunk_size: int = 256,
+                 min_new_tokens: int = 0, stop: tuple[str, ...] | list[str] = (), pin_system: bool = False):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template: a Session needs a chat (instruct) model")
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         self.chunk_size = check_int("chunk_size", chunk_size, 1)
-        self.cache = SinkCache(model, sink_size=sink_size, window_size=window_size)
+        self.min_new_tokens = check_int("min_new_tokens", min_new_tokens, 0)
+        if isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop):
+            raise ArgumentError("stop", "must be a list of non-empty strings", stop)
+        self.stop = tuple(stop)
         self.system = system
+        if pin_system and not system:
+            raise ArgumentError("pin_system", "needs a system prompt to pin (system=...)", pin_system,
+                                mentions=("system",))
+        self.pinned_tokens = self._system_tokens() if pin_system else 0
+        self.cache = SinkCache(model, sink_size=max(sink_size, self.pinned_tokens), window_size=window_size)
         self.stop_ids = stop_token_ids(tokenizer)
         self.reset()
+
+    def _system_tokens(self) -> int:
+        """Tokens the template writes before the first user message's content (the system prompt
+        and the turn headers): the token prefix that two different first messages share."""
+        a, b = ({"role": "user", "content": c} for c in ("a", "b"))
+        system = {"role": "system", "content": self.system}
+        ids_a = self._encode(self._render([system, a], True)).tolist()
+        ids_b = self._encode(self._render([system, b], True)).tolist()
+        return len(os.path.commonprefix([ids_a, ids_b]))
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt is kept)."""
@@ -125,17 +180,23 @@ class Session:
         user = {"role": "user", "content": user_text}
         prompt = self._encode(self.turn_prompt(user_text))
         decoder, reply_ids, stopped = TextDecoder(self.tokenizer), [], False
+        shown = StopStrings(self.stop)
         try:
             for token in generate_tokens(self.model, self.cache, prompt, self.max_new_tokens, self.sampling,
-                                         self.stop_ids, chunk_size=self.chunk_size):
+                                         self.stop_ids, chunk_size=self.chunk_size, min_new_tokens=self.min_new_tokens):
                 tid = int(token[0])
                 if tid in self.stop_ids:
                     stopped = True
                     break
                 reply_ids.append(tid)
-                piece = decoder.add(tid)
+                piece = shown.add(decoder.add(tid))
                 if piece:
                     yield piece
+                if shown.stopped:
+                    break
+            rest = shown.flush()
+            if rest:
+                yield rest
         except GeneratorExit:  # the caller stopped reading: keep what was shown
             self._close_turn(user, reply_ids, stopped)
             raise

@@ -33,6 +33,10 @@ from streamingllm.cli.generate import read_prompt
         (["chat", "--max-new-tokens", "0"], "--max-new-tokens must be an integer >= 1"),
         (["chat", "--chunk-size", "0", "--model", "/nonexistent/x.gguf"], "--chunk-size must be an integer >= 1"),
         (["chat", "--window-size", "-3"], "--window-size must be an integer >= 1"),
+        (["chat", "--repetition-penalty", "0"], "--repetition-penalty must be a number > 0, got 0.0"),
+        (["generate", "hi", "--presence-penalty", "3"], "--presence-penalty must be a number >= -2 and <= 2, got 3.0"),
+        (["chat", "--penalty-last-n", "-1"], "--penalty-last-n must be an integer >= 0, got -1"),
+        (["generate", "hi", "--min-new-tokens", "-2"], "--min-new-tokens must be an integer >= 0, got -2"),
     ],
 )
 def test_bad_input_gives_one_line_naming_the_flag(argv, message, capsys):

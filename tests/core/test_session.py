@@ -78,3 +78,34 @@ def test_text_decoder_equals_one_decode_at_constant_cost(smollm):
     decoder = TextDecoder(tokenizer, window=16)
     out = "".join(decoder.add(i) for i in ids)
     assert out == tokenizer.decode(ids) and len(decoder.ids) <= 17
+
+
+def test_a_pinned_system_prompt_is_never_evicted(smollm):
+    """pin_system keeps the template's system part as sinks: after turns far past the window, the
+    sinks are still exactly the system prompt's tokens."""
+    model, tokenizer = smollm
+    system = "You are a pirate. Always answer like a pirate, and end every answer with 'Arrr!'."
+    session = Session(model, tokenizer, 4, 40, system=system, max_new_tokens=30, pin_system=True)
+    prefix = tokenizer.apply_chat_template([{"role": "system", "content": system}], tokenize=False)
+    assert session.pinned_tokens >= len(tokenizer(prefix, add_special_tokens=False).input_ids) > 4
+    assert session.cache.sink_size == session.pinned_tokens
+    fed, handle = _recording(model)
+    try:
+        for question in ("What is the capital of France?", "And of Italy?", "And of Spain?"):
+            "".join(session.reply(question))
+    finally:
+        handle.remove()
+    assert session.cache.seen_tokens > session.pinned_tokens + 40  # the window has evicted
+    assert session.cache.cached_tokens == session.pinned_tokens + 40
+    assert tokenizer.decode(fed[: session.pinned_tokens]).startswith(prefix)  # the sinks: the system prompt
+    plain = Session(model, tokenizer, 4, 40, system=system)
+    assert plain.pinned_tokens == 0 and plain.cache.sink_size == 4
+
+
+def test_stop_strings_end_the_shown_reply(smollm):
+    model, tokenizer = smollm
+    session = Session(model, tokenizer, 4, 200, system="You are a helpful assistant.", max_new_tokens=40,
+                      stop=["Paris"])
+    shown = "".join(session.reply("What is the capital of France?"))
+    assert "Paris" not in shown and shown.strip()
+    assert "Paris" in session.messages[-1]["content"]  # the transcript keeps what the model wrote

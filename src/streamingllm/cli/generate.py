@@ -84,7 +84,8 @@ def run(args) -> int:
 
     decoder, count = TextDecoder(tokenizer), 0
     for token in generate_tokens(model, cache, ids, args.max_new_tokens, sampling, stops, chunk_size=args.chunk_size,
-                                 exact_prefill=not args.fast_prefill, prefill_progress=prefilled):
+                                 exact_prefill=not args.fast_prefill, prefill_progress=prefilled,
+                                 min_new_tokens=min(args.min_new_tokens, args.max_new_tokens)):
         if count == 0:
             bar.close()
             if args.stats:

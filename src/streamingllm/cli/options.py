@@ -57,6 +57,14 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="divide positive / multiply negative logits of recent tokens (1 = off, > 1 discourages repeats)")
+    p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract from logits of recent tokens, in [-2, 2]")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="subtract per occurrence among recent tokens, in [-2, 2]")
+    p.add_argument("--penalty-last-n", type=int, default=64, help="recent tokens the penalties look at")
+    p.add_argument("--min-new-tokens", type=int, default=0,
+                   help="suppress the end-of-turn tokens for this many tokens (instead of --ignore-eos)")
     p.add_argument("--chunk-size", type=int, default=256, help="prompt tokens per forward pass")
 
 
@@ -70,4 +78,7 @@ def check_generation_options(args, min_new_tokens: int = 0):
     check_cache_sizes(args.sink_size, args.window_size)
     check_int("max_new_tokens", args.max_new_tokens, min_new_tokens)
     check_int("chunk_size", args.chunk_size, 1)
-    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    check_int("min_new_tokens", args.min_new_tokens, 0)
+    return Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                    repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+                    frequency_penalty=args.frequency_penalty, penalty_last_n=args.penalty_last_n)
