@@ -638,6 +638,49 @@ class SinkCache(Cache):
         impl = attention_implementation(self.config)
         return self.family.positions == "rope" and impl in (*SINK_ATTENTION, *SINK_ATTENTION.values())
 
+    def state_dict(self) -> dict:
+        """Everything needed to continue this stream exactly elsewhere (``torch.save`` it): the
+        timeline and every tensor the cache holds. Restore with :meth:`load_state_dict` into a
+        cache built for the same model and sizes."""
+        if self._rows is not None:
+            raise ValueError("SinkCache.state_dict: a left-padded batch's cache cannot be saved; save each row's")
+        if self._prepared:
+            self._rollback()
+        layers = [(layer.keys, layer.values, layer.sink_values) if layer.is_initialized else None
+                  for layer in self.layers]
+        return {"format": 1, "family": self.family.name, "num_layers": self.num_layers,
+                "sink_size": self.sink_size, "window_size": self.window_size,
+                "timeline": dataclasses.asdict(self.timeline), "layers": layers,
+                "sinks": [self.sinks.stored(i) for i in range(self.num_layers)] if self.sinks.allocated else None}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the stream a :meth:`state_dict` saved: the next forward gives what it would
+        have given in the saved cache. Tensors go to each layer's device (the model's, when the
+        cache was built from a model). Raises ValueError when the state is for another cache."""
+        mine = {"format": 1, "family": self.family.name, "num_layers": self.num_layers,
+                "sink_size": self.sink_size, "window_size": self.window_size}
+        theirs = {k: state.get(k) for k in mine}
+        if theirs != mine:
+            raise ValueError(f"SinkCache.load_state_dict: the state is for {theirs}, this cache is {mine}")
+        self.reset()
+        for field in dataclasses.fields(Timeline):
+            setattr(self.timeline, field.name, state["timeline"][field.name])
+        if isinstance(self.timeline.sinks_in_buffer, list):
+            self.timeline.sinks_in_buffer = tuple(self.timeline.sinks_in_buffer)
+        self.timeline.sinks_in_buffer = None  # rewrite the sinks at the next step
+        if state["sinks"] is None:
+            return
+        devices = self.sinks.layer_devices or [state["layers"][0][0].device] * self.num_layers
+        first = state["layers"][0][0].to(devices[0])
+        self._allocate(first[:, :, :1])
+        for i, (layer, saved) in enumerate(zip(self.layers, state["layers"])):
+            keys, values, sink_values = (t.to(devices[i]) for t in saved)
+            layer.lazy_initialization(keys[:, :, :1], values[:, :, :1])
+            layer.keys.copy_(keys)
+            layer.values.copy_(values)
+            layer.sink_values.copy_(sink_values)
+            self.sinks.stored(i).copy_(state["sinks"][i])
+
     def allow_fast_chunk(self) -> None:
         """Let the next forward use the model's plain causal mask although it overflows the window
         (the approximation ``fast_chunks=True`` allows for every forward)."""

@@ -153,6 +153,30 @@ class Session:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self._last: list[dict] = list(self.messages)  # the messages the template delta is computed against
 
+    def save(self, path) -> None:
+        """Write the conversation to ``path``: the transcript and the cache's exact state, so that
+        :meth:`load` continues it with the same next-token logits."""
+        import torch
+
+        torch.save({"format": 1, "cache": self.cache.state_dict(), "messages": self.messages, "last": self._last,
+                    "system": self.system, "pinned_tokens": self.pinned_tokens}, path)
+
+    def load(self, path) -> None:
+        """Continue the conversation :meth:`save` wrote to ``path`` (same model and cache sizes;
+        ValueError otherwise). The session's system prompt becomes the saved one."""
+        import torch
+
+        try:
+            state = torch.load(path, weights_only=True)
+        except (OSError, RuntimeError) as err:
+            raise ValueError(f"cannot read a saved conversation from {path}: {err}") from None
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise ValueError(f"{path} is not a conversation saved by streamingllm")
+        if state["pinned_tokens"] != self.pinned_tokens and state["pinned_tokens"]:
+            raise ValueError(f"{path} pins {state['pinned_tokens']} system tokens; start the chat with --pin-system")
+        self.cache.load_state_dict(state["cache"])
+        self.messages, self._last, self.system = state["messages"], state["last"], state["system"]
+
     def _render(self, messages: list[dict], generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 

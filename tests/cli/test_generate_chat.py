@@ -100,3 +100,44 @@ def test_a_cache_too_large_for_memory_is_refused_before_allocating(capsys):
     assert main(["generate", "hi", "--window-size", "10000000000", "--max-new-tokens", "1"]) == 2
     err = capsys.readouterr().err
     assert "GiB" in err and "lower --window-size" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_chat_survives_ctrl_c_and_keeps_the_conversation(tmp_path):
+    """Ctrl-C during a reply stops that reply only: the chat answers the next line, /stats counts
+    both turns, and stdout has one line per reply."""
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "streamingllm.cli", "chat", "--max-new-tokens", "200",
+                             "--window-size", "252", "--system", "You are a helpful assistant."],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdin.write("Tell me a long story about a lighthouse keeper.\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(5) == "bot> "
+    proc.stdout.read(20)  # the reply is streaming
+    proc.send_signal(signal.SIGINT)
+    time.sleep(1)
+    proc.stdin.write("What is the capital of France?\n/stats\n")
+    proc.stdin.close()
+    out, err = proc.stdout.read(), proc.stderr.read()  # until the chat exits at end of input
+    assert proc.wait(timeout=300) == 0, err
+    assert "[stopped]" in err and "2 turns" in err
+    lines = out.strip().splitlines()
+    assert "Paris" in lines[-1] and lines[-1].startswith("bot> ")
+
+
+@pytest.mark.slow
+def test_chat_commands_save_reset_load_and_report_errors(tmp_path):
+    saved = tmp_path / "c.pt"
+    script = (f"What is the capital of France?\n/save {saved}\n/reset\n/stats\n/load {saved}\n/bogus\n"
+              f"/load {tmp_path / 'missing.pt'}\nAnd of Italy?\n/stats\n")
+    run = subprocess.run([sys.executable, "-m", "streamingllm.cli", "chat", "--max-new-tokens", "30", "--window-size",
+                          "200", "--system", "You are a helpful assistant."], input=script, capture_output=True,
+                         text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines() == [line for line in run.stdout.splitlines() if line.startswith("bot> ")]
+    assert "Paris" in run.stdout and "Rome" in run.stdout  # the loaded conversation went on
+    assert "[conversation reset]" in run.stderr and "0 seen, 0 turns" in run.stderr
+    assert "error: unknown command /bogus" in run.stderr and "cannot read a saved conversation" in run.stderr
+    assert run.stderr.rstrip().endswith("2 turns]")

@@ -438,3 +438,22 @@ def test_the_sink_store_lives_on_each_layers_device():
     assert sinks.for_layer(1, 2, (5,)).device == meta and sinks.for_layer(2, 2, (5, 6)).shape == (1, 2, 4, 8)
     assert sinks.for_layer(0, 2, (5,)).abs().sum() == 0 and sinks.for_layer(2, 2, (5,)).abs().sum() > 0
     assert _layer_devices(tiny_model("llama"), 2) == [cpu, cpu] and _layer_devices(tiny_config("llama"), 2) is None
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_neox", "bloom"])
+def test_a_saved_cache_continues_exactly(family, tmp_path):
+    """state_dict -> torch.save -> torch.load -> load_state_dict into a new cache: the stream goes
+    on with the logits the original gives (saved mid-ring, after rebases)."""
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (1, 160), generator=torch.Generator().manual_seed(22))
+    original = SinkCache(model, 4, 20, rebase_every=30)
+    prefill(model, original, ids[:, :97], chunk_size=1)
+    torch.save(original.state_dict(), tmp_path / "cache.pt")
+    restored = SinkCache(model, 4, 20, rebase_every=30)
+    restored.load_state_dict(torch.load(tmp_path / "cache.pt", weights_only=True))
+    assert restored.seen_tokens == 97 and restored.cached_tokens == 24
+    a = prefill(model, original, ids[:, 97:], chunk_size=1, return_all_logits=True)
+    b = prefill(model, restored, ids[:, 97:], chunk_size=1, return_all_logits=True)
+    assert (a - b).abs().max().item() == 0
+    with pytest.raises(ValueError, match="window_size"):
+        SinkCache(model, 4, 21).load_state_dict(original.state_dict())

@@ -109,3 +109,18 @@ def test_stop_strings_end_the_shown_reply(smollm):
     shown = "".join(session.reply("What is the capital of France?"))
     assert "Paris" not in shown and shown.strip()
     assert "Paris" in session.messages[-1]["content"]  # the transcript keeps what the model wrote
+
+
+def test_a_saved_conversation_continues_exactly(smollm, tmp_path):
+    model, tokenizer = smollm
+    session = Session(model, tokenizer, 4, 60, system="Answer in one short sentence.", max_new_tokens=30)
+    "".join(session.reply("What is the capital of France?"))
+    session.save(tmp_path / "chat.pt")
+    again = Session(model, tokenizer, 4, 60, max_new_tokens=30)
+    again.load(tmp_path / "chat.pt")
+    assert again.messages == session.messages and again.cache.seen_tokens == session.cache.seen_tokens
+    assert "".join(again.reply("And of Italy?")) == "".join(session.reply("And of Italy?"))
+    with pytest.raises(ValueError, match="window_size"):
+        Session(model, tokenizer, 4, 61).load(tmp_path / "chat.pt")
+    with pytest.raises(ValueError, match="cannot read"):
+        again.load(tmp_path / "missing.pt")

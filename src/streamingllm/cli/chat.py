@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 
 from .options import (add_cache_options, add_generation_options, add_model_options, add_parser,
                       check_generation_options, load_model)
@@ -30,21 +32,99 @@ def run(args) -> int:
                       max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
                       min_new_tokens=args.min_new_tokens, stop=args.stop, pin_system=args.pin_system)
     cache, interactive = session.cache, sys.stdin.isatty()
+    if interactive:
+        _line_editing()
     pinned = f", system prompt pinned ({session.pinned_tokens} tokens)" if session.pinned_tokens else ""
-    print(f"streamingllm chat: {args.model}, cache {cache.sink_size}+{cache.window_size} tokens{pinned}. Ctrl-D to quit.",
-          file=sys.stderr)
+    print(f"streamingllm chat: {args.model}, cache {cache.sink_size}+{cache.window_size} tokens{pinned}. "
+          "/help for commands, Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
     while True:
-        if interactive:
-            print("you> ", end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
+        try:
+            line = input("you> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            line = ""
+        except KeyboardInterrupt:  # at the prompt: a fresh line, as shells do
+            print(file=sys.stderr)
+            continue
         if not line:
+            if interactive:
+                print(file=sys.stderr)
             return 0
-        if not line.strip():
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            _command(session, line)
             continue
         print("bot> ", end="", flush=True)
-        for piece in session.reply(line.strip()):
+        if _reply(session, line):
+            print(" [stopped]", end="", file=sys.stderr, flush=True)
+        print(flush=True)  # the reply's newline goes with the reply (stdout), so piped output stays readable
+        print(_stats(session), file=sys.stderr, flush=True)
+
+
+def _reply(session, line: str) -> bool:
+    """Print the reply to ``line`` as it comes. Ctrl-C stops it between two tokens (never inside a
+    forward pass, which would leave the cache half-written); what was shown stays in the
+    conversation. Returns True when stopped."""
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    reply = session.reply(line)
+    try:
+        for piece in reply:
             sys.stdout.write(piece)
             sys.stdout.flush()
-        fill = cache.cached_tokens / cache.max_cached_tokens
-        print(f"\n[cache {cache.cached_tokens}/{cache.max_cached_tokens} tokens ({fill:.0%} full), "
-              f"{cache.seen_tokens} seen]", file=sys.stderr, flush=True)
+            if stop.is_set():
+                break
+    finally:
+        reply.close()  # closes the turn in the cache
+        signal.signal(signal.SIGINT, previous)
+    return stop.is_set()
+
+
+COMMANDS = {
+    "/reset": "forget the conversation (the system prompt stays)",
+    "/save FILE": "write the conversation and the cache's exact state to FILE",
+    "/load FILE": "continue a conversation saved with /save (same model and cache sizes)",
+    "/stats": "cache fill, tokens seen, turns",
+    "/help": "this list",
+}
+
+
+def _command(session, line: str) -> None:
+    """Run one /command; problems are reported on one line and the chat goes on."""
+    name, _, arg = line.partition(" ")
+    arg = arg.strip()
+    try:
+        if name == "/reset":
+            session.reset()
+            print("[conversation reset]", file=sys.stderr)
+        elif name in ("/save", "/load"):
+            if not arg:
+                raise ValueError(f"{name} needs a file name: {name} FILE")
+            (session.save if name == "/save" else session.load)(arg)
+            print(f"[{'saved to' if name == '/save' else 'loaded'} {arg}; {_stats(session)[1:-1]}]", file=sys.stderr)
+        elif name == "/stats":
+            print(_stats(session), file=sys.stderr)
+        elif name == "/help":
+            for usage, what in COMMANDS.items():
+                print(f"  {usage:<11} {what}", file=sys.stderr)
+        else:
+            raise ValueError(f"unknown command {name}; one of {', '.join(c.split()[0] for c in COMMANDS)}")
+    except (ValueError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+
+
+def _stats(session) -> str:
+    cache = session.cache
+    fill = cache.cached_tokens / cache.max_cached_tokens
+    turns = sum(m["role"] == "user" for m in session.messages)
+    return (f"[cache {cache.cached_tokens}/{cache.max_cached_tokens} tokens ({fill:.0%} full), "
+            f"{cache.seen_tokens} seen, {turns} turns]")
+
+
+def _line_editing() -> None:
+    """Arrow keys, editing and history at the prompt (readline), where the platform has it."""
+    try:
+        import readline  # noqa: F401  (importing it is what turns line editing on for input())
+    except ImportError:
+        pass
