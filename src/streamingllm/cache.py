@@ -381,6 +381,7 @@ class SinkCache(Cache):
         self._next_layer = 0  # the layer whose update the running forward calls next
         self._prepared = False  # prepare_decode_step() did the bookkeeping of the next forward
         self._undo: tuple[Timeline, RingStep, int] | None = None  # the timeline before that step, the step, its position
+        self._shifted = 0  # layers whose ring that step has prepared
         self._slots: dict[torch.device, torch.Tensor] = {}  # per device: (1,) int64, the prepared token's buffer slot
         self._position: torch.Tensor | None = None  # (1, 1) int64: its position id
         if rope:
@@ -443,7 +444,7 @@ class SinkCache(Cache):
             self._allocate(key_states)
         q, t = key_states.shape[-2], self.timeline
         self._band = None
-        if (t.overflows(q) and not (t.exact_next or t.fast_next or t.fast_chunks) and self.family.positions == "rope"
+        if (t.overflows(q) and not (t.exact_next == q or t.fast_next == q or t.fast_chunks) and self.family.positions == "rope"
                 and is_sink_attention(self.config)):
             self._band = self.exact_chunk_mask(q, key_states.dtype, key_states.device)  # a new turn, say
         self._step = self.timeline.plan(q, p0)
@@ -459,6 +460,8 @@ class SinkCache(Cache):
                 f"need {need / 2**30:.2f} GiB of {key_states.device.type} memory for the cache, but "
                 f"{free / 2**30:.2f} GiB is available; lower window_size", self.window_size,
                 mentions=("sink_size", "window_size"))
+        if self.sinks.layer_devices and self.sinks.layer_devices[0] != key_states.device:
+            self.sinks.layer_devices = None  # the model moved since the cache was built: follow its keys
         self.sinks.allocate(self.num_layers, key_states, self.sink_size)
         self._slots = {key_states.device: torch.zeros(1, dtype=torch.long, device=key_states.device)}
         self._position = torch.zeros((1, 1), dtype=torch.long, device=key_states.device)
@@ -518,14 +521,14 @@ class SinkCache(Cache):
         before = dataclasses.replace(t)
         p = t.next_position()
         step = t.plan(1, p)
-        self._undo = (before, step, p)
+        self._undo, self._prepared, self._shifted = (before, step, p), True, 0  # undone even if what follows fails
         self._rotate_all_sinks(step)
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
             layer.prepare_ring(step)
+            self._shifted = i + 1
         for slot in self._slots.values():
             slot.fill_(step.slot)
         self._position.fill_(p)
-        self._prepared = True
         return self._position
 
     def _start_rows(self, batch: int) -> None:
@@ -557,14 +560,19 @@ class SinkCache(Cache):
     def _rollback(self) -> None:
         """Undo a prepared step whose forward did not run (or not to the end): the timeline goes
         back to before it, the ring is rotated back if the step moved the frame, and the sinks are
-        rewritten at the next step. The prepared token's slot was free, so writes to it harm nothing."""
+        rewritten at the next step. The prepared token's slot was free, so writes to it harm nothing.
+
+        A step that moved the position frame (a rebase) is not rotated back, which would round the
+        window twice in 16-bit dtypes: the ring keeps the new frame (every layer's, finishing what
+        an interrupted preparation left), and the restored timeline records it."""
         before, step, _ = self._undo
         if step.shift:
-            for layer in self.layers:
+            for layer in self.layers[self._shifted :]:
                 ring = layer.keys.narrow(2, step.n_sink, self.timeline.window_size + 1)
-                layer.rotator.rotate_by(ring, (-step.shift,), out=ring)
-        for field in dataclasses.fields(Timeline):
-            setattr(self.timeline, field.name, getattr(before, field.name))
+                layer.rotator.rotate_by(ring, (step.shift,), out=ring)
+        for name in Timeline.STATE:
+            setattr(self.timeline, name, getattr(before, name))
+        self.timeline.frame_next += step.shift
         self.timeline.sinks_in_buffer = None
         self.sinks.rotated_for = None
         self._prepared, self._undo, self._next_layer = False, None, 0
@@ -576,6 +584,10 @@ class SinkCache(Cache):
         ``rebase_every`` tokens ahead (families whose position ids reach the cache), so the angles
         the model computes stay small however long the stream. None for ALiBi families (no
         positions). Passing none at all is exact too: the model then uses ``get_seq_length()``.
+
+        Args:
+            q: tokens in the next forward.
+            device: where to put the ids (the model's input device; the CPU when None).
         """
         if self.family.positions != "rope" or self._rows is not None:
             return None
@@ -592,6 +604,12 @@ class SinkCache(Cache):
             return self._rows.columns
         t = self._settled()
         return t.length if self.family.bias_from_seq_length else t.seen
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self._rows is not None:
+            raise NotImplementedError("SinkCache: beam search over a left-padded batch is not supported; "
+                                      "use greedy or sampled generation, or rows of equal length")
+        super().reorder_cache(beam_idx)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         """In-cache index of the first new token (the attention mask is built in cache order)."""
@@ -681,12 +699,14 @@ class SinkCache(Cache):
             layer.sink_values.copy_(sink_values)
             self.sinks.stored(i).copy_(state["sinks"][i])
 
-    def allow_fast_chunk(self) -> None:
-        """Let the next forward use the model's plain causal mask although it overflows the window
-        (the approximation ``fast_chunks=True`` allows for every forward)."""
+    def allow_fast_chunk(self, q: int) -> None:
+        """Let the next forward, of ``q`` tokens, use the model's plain causal mask although it
+        overflows the window (the approximation ``fast_chunks=True`` allows for every forward)."""
+        if self._rows is not None:
+            raise ValueError("SinkCache: a left-padded batch's rows plan their own chunks; no fast chunk to allow")
         if self._prepared:
             self._rollback()
-        self.timeline.fast_next = True
+        self.timeline.fast_next = q
 
     def exact_chunk_mask(self, q: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor | None:
         """Prepare the next forward of ``q`` tokens for exact banded attention.
@@ -695,7 +715,18 @@ class SinkCache(Cache):
         the ordinary causal mask is already exact (the window does not overflow inside the
         chunk). Every token then sees exactly the sinks plus its own last ``window_size``
         tokens, at the positions it would have had if fed one by one.
+
+        Args:
+            q: tokens in the next forward.
+            dtype: the mask's dtype (the model's); masked entries hold its most negative value.
+            device: where to build the mask (the model's device; the CPU when None).
+
+        The mask has ``q`` rows and ``S * (held + q - S - W) + window + q`` columns (one copy of the
+        sinks per overflowing position): for a prompt of many thousands of tokens in one forward
+        that is large, and :func:`~streamingllm.feed.generate` (bounded chunks) is the better way.
         """
+        if self._rows is not None:
+            raise ValueError("SinkCache: a left-padded batch's rows give their chunks their own bands")
         if self._prepared:
             self._rollback()  # a chunk comes instead of the prepared token
         t = self.timeline
@@ -705,19 +736,20 @@ class SinkCache(Cache):
             raise UnsupportedModelError(
                 f"exact chunked attention is not available for {self.family.name} with attn_implementation="
                 f"{attention_implementation(self.config)!r} (ALiBi, or no additive float masks): feed it token by token")
-        t.exact_next = True
+        t.exact_next = q
         S, W, w, length = t.sink_size, t.window_size, t.window, t.length
-        at = length + torch.arange(q)[:, None]  # each query's index in the stream held (sinks first)
+        arange = lambda *a: torch.arange(*a, device=device)  # noqa: E731
+        at = length + arange(q)[:, None]  # each query's index in the stream held (sinks first)
         group = (at - S - W).clamp(min=0)  # how far its own window has overflowed: its copy of the sinks
-        copies = torch.arange((length + q - S - W) * S)[None, :]
+        copies = arange((length + q - S - W) * S)[None, :]
         sink_ok = (copies // max(S, 1) == group) & (copies % max(S, 1) <= at)  # a sink sees the sinks up to itself
         # then the stored window and the new tokens, by stream index; sinks among them are seen through the copies
-        held = torch.cat((torch.arange(t.n_sink, t.n_sink + w), torch.arange(length, length + q)))[None, :]
+        held = torch.cat((arange(t.n_sink, t.n_sink + w), arange(length, length + q)))[None, :]
         recent_ok = (held >= S) & (held <= at) & (held >= at - W)
         allowed = torch.cat((sink_ok, recent_ok), dim=1)
-        mask = torch.zeros(allowed.shape, dtype=dtype)
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         mask.masked_fill_(~allowed, torch.finfo(dtype).min)
-        return mask[None, None].to(device) if device is not None else mask[None, None]
+        return mask[None, None]
 
 
 def _position_ids(kwargs: dict) -> torch.Tensor | None:

@@ -146,7 +146,7 @@ def iter_chunks(
             size = min(size, room)
         mask = cache.exact_chunk_mask(size, dtype=model.dtype, device=model.device) if exact else None
         if not exact:
-            cache.allow_fast_chunk()
+            cache.allow_fast_chunk(size)
         with torch.no_grad():  # not around the yield: grad mode must not leak to the caller
             logits = model(input_ids=ids[:, done : done + size], attention_mask=mask, use_cache=True,
                            **_positions(cache, size, model.device), **pass_cache).logits
@@ -287,10 +287,10 @@ def generate(model, input_ids, cache: SinkCache, chunk_size: int = 256, exact_pr
     if ids.shape[1] <= seen:
         raise ValueError(f"input_ids has {ids.shape[1]} tokens but the cache has consumed {seen}: "
                          "pass the whole conversation so far plus at least one new token")
-    if ids.shape[1] - seen > 1:
-        prefill(model, cache, ids[:, seen:-1], chunk_size=chunk_size, exact=exact_prefill, progress=progress)
-    if cache.family.bias_from_seq_length and cache.seen_tokens > cache.cached_tokens:
+    if cache.family.bias_from_seq_length and ids.shape[1] - 1 > cache.max_cached_tokens:  # before feeding anything
         raise UnsupportedModelError(
             f"{cache.family.name} sizes its ALiBi bias from get_seq_length(), so transformers' generate() cannot "
             "continue a stream once the cache has evicted; use streamingllm.generate_tokens or streamingllm.Session")
+    if ids.shape[1] - seen > 1:
+        prefill(model, cache, ids[:, seen:-1], chunk_size=chunk_size, exact=exact_prefill, progress=progress)
     return model.generate(ids, **cache_kwargs(model, cache), **generate_kwargs)

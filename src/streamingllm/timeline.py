@@ -26,7 +26,13 @@ from dataclasses import dataclass
 
 class ApproximateChunkError(ValueError):
     """A forward of several tokens that the model's causal mask would let see more than the sinks
-    and the window, and that came with no exact banded mask."""
+    and the window, and that came with no exact banded mask.
+
+    Args:
+        q: tokens in the refused forward.
+        held: tokens the cache held before it.
+        size: ``sink_size + window_size`` (tokens).
+    """
 
     def __init__(self, q: int, held: int, size: int):
         super().__init__(
@@ -150,8 +156,8 @@ class Timeline:
     frame_next: int = 0  # model-frame position of the next token
     sink_frame: int = 0  # model-frame position the stored sink 0 is rotated at
     sinks_in_buffer: tuple[int, int] | None = (0, 0)  # (off, sink_delta) of the sinks written in the buffer
-    exact_next: bool = False  # the next chunk comes with an exact banded mask
-    fast_next: bool = False  # the next chunk may use the plain causal mask although it overflows
+    exact_next: int = 0  # the next forward, if of this many tokens, comes with an exact banded mask
+    fast_next: int = 0  # the next forward, if of this many tokens, may use the plain causal mask
     fast_chunks: bool = False  # every chunk may (the cache's ``fast_chunks`` option)
     ring: bool = False  # the window is a ring in buffer[S : S + W + 1], oldest token at `head`
     head: int = 0
@@ -161,10 +167,13 @@ class Timeline:
         """Tokens currently held (sinks + window)."""
         return self.n_sink + self.window
 
+    STATE = ("seen", "n_sink", "window", "off", "frame_next", "sink_frame", "sinks_in_buffer", "exact_next",
+             "fast_next", "ring", "head")  # what a stream changes (the rest are settings)
+
     def reset(self) -> None:
         """Forget the stream (sizes and settings are kept)."""
         self.seen = self.n_sink = self.window = self.off = self.frame_next = self.sink_frame = self.head = 0
-        self.sinks_in_buffer, self.exact_next, self.fast_next, self.ring = (0, 0), False, False, False
+        self.sinks_in_buffer, self.exact_next, self.fast_next, self.ring = (0, 0), 0, 0, False
 
     def overflows(self, q: int) -> bool:
         """True when some of ``q`` new tokens would see more than the sinks and the window under a
@@ -193,7 +202,9 @@ class Timeline:
         :attr:`seen` (transformers' contract: the number of tokens consumed).
         """
         S, W = self.sink_size, self.window_size
-        if self.overflows(q) and not (self.exact_next or self.fast_next or self.fast_chunks):
+        if self.exact_next != q:  # a mark for another forward (one that never ran) means nothing here
+            self.exact_next = 0
+        if self.overflows(q) and not (self.exact_next or self.fast_next == q or self.fast_chunks):
             raise ApproximateChunkError(q, self.length, S + W)
         if p0 is None or not self.rotates:
             p0 = self.seen
@@ -230,7 +241,7 @@ class Timeline:
                 self.off, self.sinks_in_buffer = 0, None
             self.n_sink += new_sinks
             self.window = kept
-        self.exact_next = self.fast_next = False
+        self.exact_next = self.fast_next = 0
         self.seen += q
         self.frame_next = p0 + q
         return step

@@ -408,8 +408,7 @@ def test_rope_scalings_with_fixed_frequencies_are_exact(rope_type):
     fast = SinkCache(model, 4, 20, rebase_every=40)
     a, b = _decode_logits(model, fast, ids), _decode_logits(model, ReferenceSinkCache(model, 4, 20), ids)
     assert (a - b).abs().max().item() <= TOL
-    assert fast.sinks.rotator.inv_freq64.float().allclose(rope_inv_freq(model))  # the scaled frequencies
-    assert not rope_inv_freq(model).allclose(rope_inv_freq(tiny_model("llama")))  # which differ from plain RoPE
+    assert not rope_inv_freq(model).allclose(rope_inv_freq(tiny_model("llama")))  # scaled: not plain RoPE
 
 
 @pytest.mark.parametrize("params", [{"rope_type": "dynamic", "factor": 2.0},
@@ -457,3 +456,53 @@ def test_a_saved_cache_continues_exactly(family, tmp_path):
     assert (a - b).abs().max().item() == 0
     with pytest.raises(ValueError, match="window_size"):
         SinkCache(model, 4, 21).load_state_dict(original.state_dict())
+
+
+def test_undoing_a_prepared_rebase_rounds_bfloat16_keys_once():
+    """A prepared step that rebases the frame, then not run: the ring keeps the new frame (one
+    rotation, rounded once) instead of being rotated back (a second rounding in bf16), and the
+    restored timeline records it; the stream then goes on as an unprepared one would."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    ids = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(23))
+    plain, cache = SinkCache(model, 4, 20, rebase_every=30), SinkCache(model, 4, 20, rebase_every=30)
+    for c in (plain, cache):
+        prefill(model, c, ids[:, :54], chunk_size=1)
+    frame, ring = cache.timeline.frame_next, [l.keys[:, :, 4:25].clone() for l in cache.layers]
+    cache.prepare_decode_step()
+    shift = cache.timeline.frame_next - 1 - frame  # the prepared position minus the stream's
+    assert shift < 0  # a rebase
+    cache.allow_fast_chunk(2)  # a chunk comes instead: the prepared step is undone
+    assert cache.seen_tokens == 54 and cache.timeline.frame_next == frame + shift
+    rotator = cache.sinks.rotator
+    for layer, before in zip(cache.layers, ring):
+        once = rotator.rotate_by(before.float(), (shift,)).to(torch.bfloat16)
+        assert torch.equal(layer.keys[:, :, 4:25], once)
+    a = prefill(model, plain, ids[:, 54:], chunk_size=1, return_all_logits=True).float()
+    b = prefill(model, cache, ids[:, 54:], chunk_size=1, return_all_logits=True).float()
+    assert (a - b).abs().max().item() <= 0.05  # bf16: the same stream in frames one rebase apart
+
+
+def test_an_interrupted_prepare_is_undone(monkeypatch):
+    """An exception inside prepare_decode_step itself (after planning) leaves no step half-done."""
+    model = tiny_model("llama")
+    ids = torch.randint(0, VOCAB, (1, 80), generator=torch.Generator().manual_seed(24))
+    plain, cache = SinkCache(model, 4, 20), SinkCache(model, 4, 20)
+    for c in (plain, cache):
+        prefill(model, c, ids[:, :40], chunk_size=1)
+    calls = {"n": 0}
+    original = type(cache.layers[1]).prepare_ring
+
+    def failing(self, step):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, step)
+
+    monkeypatch.setattr(type(cache.layers[1]), "prepare_ring", failing)
+    with pytest.raises(KeyboardInterrupt):
+        cache.prepare_decode_step()
+    monkeypatch.undo()
+    assert cache.seen_tokens == 40
+    a = prefill(model, plain, ids[:, 40:], chunk_size=1, return_all_logits=True)
+    b = prefill(model, cache, ids[:, 40:], chunk_size=1, return_all_logits=True)
+    assert (a - b).abs().max().item() <= TOL

@@ -195,6 +195,10 @@ def test_left_padded_batches_stream_each_row_as_alone(family, generate):
     second = generate(model, seq, cache, attention_mask=torch.cat([mask, torch.ones(3, seq.shape[1] - mask.shape[1],
                       dtype=torch.long)], 1), max_new_tokens=20, **kw)
     assert len(cache.row_caches) == 3 and cache.cached_tokens == S + W
+    with pytest.raises(ValueError, match="rows"):
+        cache.exact_chunk_mask(8)  # the rows plan their own chunks
+    with pytest.raises(NotImplementedError, match="beam search"):
+        cache.reorder_cache(torch.tensor([0, 1, 2]))
     logits = torch.cat([torch.stack(first.logits, 1), torch.stack(second.logits, 1)], 1)
     for r, row in enumerate(rows):
         stream = torch.cat([row, first.sequences[r : r + 1, ids.shape[1] :], more[r : r + 1],

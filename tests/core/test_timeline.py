@@ -81,11 +81,11 @@ def test_rebase_is_offered_and_followed():
 def test_exact_chunk_groups_count_overflowing_queries():
     t = rope(S=2, W=4)
     run(t, [6])  # full
-    t.exact_next = True
+    t.exact_next = 3
     step = t.plan(3, None)
     assert isinstance(step, ConcatStep) and step.groups == 3  # each query's own window overflowed by 1, 2, 3
     assert step.sink_deltas == (step.sink_delta, step.sink_delta + 1, step.sink_delta + 2)
-    t.exact_next = True
+    t.exact_next = 1
     assert t.plan(1, None).__class__ is RingStep  # one token never needs the banded layout
 
 
@@ -104,8 +104,11 @@ def test_overflowing_chunks_are_refused_unless_exact_or_allowed():
     with pytest.raises(ApproximateChunkError, match="fast_chunks=True"):
         t.plan(2, None)  # the second token would see one window token too many
     assert (t.seen, t.window, t.n_sink) == before  # refused before anything moved
-    t.fast_next = True
+    t.fast_next = 2
     assert isinstance(t.plan(2, None), ConcatStep) and not t.fast_next  # allowed once
-    t.exact_next = True
+    t.exact_next = 4  # marked for a forward of 4 tokens, which never ran:
+    with pytest.raises(ApproximateChunkError):
+        t.plan(3, None)  # means nothing for one of 3
+    t.exact_next = 3
     assert t.plan(3, None).groups == 3
     assert isinstance(t.plan(1, None), RingStep)  # one token never overflows
