@@ -15,6 +15,8 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+import torch
+
 from .cache import SinkCache
 from .checks import ArgumentError, check_int
 from .feed import Sampling, generate_tokens, prefill
@@ -156,16 +158,12 @@ class Session:
     def save(self, path) -> None:
         """Write the conversation to ``path``: the transcript and the cache's exact state, so that
         :meth:`load` continues it with the same next-token logits."""
-        import torch
-
         torch.save({"format": 1, "cache": self.cache.state_dict(), "messages": self.messages, "last": self._last,
                     "system": self.system, "pinned_tokens": self.pinned_tokens}, path)
 
     def load(self, path) -> None:
         """Continue the conversation :meth:`save` wrote to ``path`` (same model and cache sizes;
         ValueError otherwise). The session's system prompt becomes the saved one."""
-        import torch
-
         try:
             state = torch.load(path, weights_only=True)
         except (OSError, RuntimeError) as err:
