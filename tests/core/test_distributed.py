@@ -27,7 +27,7 @@ def test_tensor_parallel_ranks_stream_exactly(tmp_path):
     torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
     worker = Path(__file__).with_name("tp_worker.py")
-    subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", "29517", str(worker),
+    subprocess.run([torchrun, "--standalone", "--nproc-per-node", "2", str(worker),
                     str(tmp_path / "model"), str(tmp_path / "out.pt")], check=True, env=env, timeout=600,
                    capture_output=True)
     got = torch.load(tmp_path / "out.pt")
