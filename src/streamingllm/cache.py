@@ -577,7 +577,7 @@ class SinkCache(Cache):
         self.sinks.rotated_for = None
         self._prepared, self._undo, self._next_layer = False, None, 0
 
-    def position_ids(self, q: int, device=None) -> torch.Tensor | None:
+    def position_ids(self, q: int, device=None, out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Position ids (1, q) for the next forward of ``q`` tokens, as the library's loops pass them.
 
         They follow the stream, and move back to the in-cache positions once they have run
@@ -588,12 +588,16 @@ class SinkCache(Cache):
         Args:
             q: tokens in the next forward.
             device: where to put the ids (the model's input device; the CPU when None).
+            out: a (1, q) int64 tensor to write them into (a decode loop reuses one), else a new one.
         """
         if self.family.positions != "rope" or self._rows is not None:
             return None
         if self._prepared and q != 1:
             self._rollback()
         p = self.timeline.next_position() if self._undo is None else self._undo[2]
+        if out is not None:
+            torch.arange(p, p + q, out=out.view(-1))
+            return out
         return torch.arange(p, p + q, device=device)[None]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -683,8 +687,6 @@ class SinkCache(Cache):
         self.reset()
         for field in dataclasses.fields(Timeline):
             setattr(self.timeline, field.name, state["timeline"][field.name])
-        if isinstance(self.timeline.sinks_in_buffer, list):
-            self.timeline.sinks_in_buffer = tuple(self.timeline.sinks_in_buffer)
         self.timeline.sinks_in_buffer = None  # rewrite the sinks at the next step
         if state["sinks"] is None:
             return

@@ -221,6 +221,7 @@ def generate_tokens(
     logits = prefill(model, cache, input_ids, chunk_size=chunk_size, exact=exact_prefill, progress=prefill_progress)
     ids = _as_batch(input_ids)
     step_ids = torch.empty((ids.shape[0], 1), dtype=torch.long, device=model.device)  # reused every step
+    step_pos = torch.empty((1, 1), dtype=torch.long, device=model.device)  # the same
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
     stops = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=model.device)
     recent = ids[:, -sampling.penalty_last_n :].to(model.device) if sampling.penalizes else None
@@ -241,13 +242,13 @@ def generate_tokens(
         if i + 1 == max_new_tokens:
             return
         step_ids[:, 0] = token
-        positions = _positions(cache, 1, model.device)
+        positions = _positions(cache, 1, model.device, out=step_pos)
         logits = model(input_ids=step_ids, use_cache=True, **positions, **pass_cache).logits[:, -1]
 
 
-def _positions(cache: SinkCache, q: int, device) -> dict:
+def _positions(cache: SinkCache, q: int, device, out: torch.Tensor | None = None) -> dict:
     """``{"position_ids": ...}`` for the next ``q`` tokens, or ``{}`` for families without positions."""
-    pos = cache.position_ids(q, device)
+    pos = cache.position_ids(q, device, out=out)
     return {} if pos is None else {"position_ids": pos}
 
 
