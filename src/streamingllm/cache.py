@@ -551,6 +551,36 @@ class SinkCache(Cache):
                 layer.rotator = self.sinks.rotator
         self._rows = PaddedRows(rows)
 
+    @classmethod
+    def stacked(cls, caches: list[SinkCache]) -> SinkCache:
+        """A cache for one forward that advances several independent streams by one token each.
+
+        Row ``r`` of that forward is the next token of the stream ``caches[r]`` holds (each a
+        batch-1 cache for the same model, with any sizes, lengths and positions): it is stored in
+        and attends to that cache only, exactly as a forward of its own would, with the position
+        ids ``caches[r].position_ids(1)``. Use :func:`~streamingllm.feed.decode_rows`, which builds
+        the forward. Needs sink-aware attention (:attr:`can_stack`); ValueError otherwise.
+        """
+        if not caches:
+            raise ValueError("SinkCache.stacked: give at least one cache")
+        first = caches[0]
+        if not all(c.can_stack and c.config is first.config for c in caches):
+            raise ValueError("SinkCache.stacked: every cache must serve the same model, with sink-aware attention "
+                             "(sdpa or eager; see SinkCache.can_stack), and not be a padded batch")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", TrainedLengthWarning)  # each stream's cache said it already
+            batch = cls(first.config, first.sink_size, first.window_size)
+        batch._rows = PaddedRows(list(caches), stacked=True)
+        return batch
+
+    @property
+    def can_stack(self) -> bool:
+        """True when this cache's stream can share decode forwards with others (:meth:`stacked`):
+        a batch-1 stream of a family whose attention goes through the sink-aware interface."""
+        batch_1 = not self.layers[0].is_initialized or self.layers[0].keys.shape[0] == 1
+        return (self._rows is None and batch_1 and self.family.attention_interface and is_sink_attention(self.config)
+                and not self._prepared)
+
     def _position_matches(self, kwargs: dict) -> bool:
         """The forward gives the prepared position (or none, for families whose positions the model
         takes from ``get_seq_length()``, which is the prepared one there)."""

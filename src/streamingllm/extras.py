@@ -14,6 +14,9 @@ EXTRAS: dict[str, str] = {
     "matplotlib": "plots",
     "rdata": "evals",
     "datasets": "hub",
+    "fastapi": "serve",
+    "uvicorn": "serve",
+    "prometheus_client": "serve",
 }
 
 

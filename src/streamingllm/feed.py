@@ -10,6 +10,9 @@
 * :func:`generate_tokens` yields new token ids one by one (greedy or sampled).
 * :func:`generate` is ``model.generate`` with an exact prefill first: transformers' decoding
   loop, sampling options and outputs, for prompts of any length.
+* :func:`decode_rows` advances several independent streams (each on its own cache) by one token
+  in one batched forward: what a server does for its sessions at every step.
+* :func:`token_logprobs` gives the log-probabilities of a chosen token and of the most likely ones.
 
 All of them pass the cache's :meth:`~streamingllm.cache.SinkCache.position_ids`, which keep
 the positions the model computes angles for small however long the stream.
@@ -244,6 +247,42 @@ def generate_tokens(
         step_ids[:, 0] = token
         positions = _positions(cache, 1, model.device, out=step_pos)
         logits = model(input_ids=step_ids, use_cache=True, **positions, **pass_cache).logits[:, -1]
+
+
+@torch.no_grad()
+def decode_rows(model, caches: list[SinkCache], token_ids) -> torch.Tensor:
+    """Feed ``token_ids[r]`` to the stream ``caches[r]``, for every r, and return the next-token
+    logits (rows, vocab).
+
+    The streams are independent (their own lengths, positions and cache sizes). Where the
+    family's attention goes through the sink-aware interface (:attr:`SinkCache.can_stack`), all
+    rows share one forward: each row is stored in and attends to its own cache only, at its own
+    position (:meth:`SinkCache.stacked`), and gets the logits a forward of its own would give, to
+    floating-point rounding. Otherwise the rows are run one after the other.
+
+    Args:
+        model: the causal LM the caches were built for.
+        caches: one batch-1 :class:`SinkCache` per stream.
+        token_ids: the next token of each stream, (rows,) int.
+    """
+    tokens = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1, 1).to(model.device)
+    if tokens.shape[0] != len(caches) or not caches:
+        raise ValueError(f"decode_rows: got {tokens.shape[0]} tokens for {len(caches)} caches; give one token per cache")
+    if len(caches) == 1 or not all(c.can_stack for c in caches):
+        return torch.cat([model(input_ids=tokens[r : r + 1], use_cache=True, **_positions(c, 1, model.device),
+                                **cache_kwargs(model, c)).logits[:, -1] for r, c in enumerate(caches)])
+    positions = [c.position_ids(1, model.device) for c in caches]
+    kwargs = {} if positions[0] is None else {"position_ids": torch.cat(positions)}
+    batch = SinkCache.stacked(caches)
+    return model(input_ids=tokens, use_cache=True, **kwargs, **cache_kwargs(model, batch)).logits[:, -1]
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top: int = 0) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of ``token`` under ``logits`` (vocab,), and the ``top`` most likely
+    tokens with theirs (most likely first; ``top`` >= 0)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    best = torch.topk(logp, top) if top else None
+    return float(logp[token]), ([] if best is None else list(zip(best.indices.tolist(), best.values.tolist())))
 
 
 def _positions(cache: SinkCache, q: int, device, out: torch.Tensor | None = None) -> dict:

@@ -8,6 +8,10 @@ mask: pads get 0, real tokens ``0, 1, 2, ...``). It stacks the rows' keys and va
 longest, and attaches the per-row mask (each row's own causal mask or exact band, shifted to its
 columns) that the sink-aware attention (:mod:`streamingllm.attention`) uses instead of the model's.
 
+The same machinery batches the decode steps of *independent* streams (the sessions of a server,
+each with its own cache, length and positions): :meth:`PaddedRows.stacked` takes one token per
+row per forward, at the position each row's own cache gives (see :func:`streamingllm.feed.decode_rows`).
+
 The cost is that of the rows' own caches plus one stacking copy per layer and step.
 """
 
@@ -23,10 +27,13 @@ class PaddedRows:
 
     Args:
         rows: one cache (batch 1) per row, each a :class:`~streamingllm.cache.SinkCache`.
+        stacked: the rows are independent streams, each fed exactly one token per forward at the
+            position its own cache gives (:meth:`~streamingllm.cache.SinkCache.position_ids`);
+            otherwise they are the rows of one left-padded batch, told apart by their position ids.
     """
 
-    def __init__(self, rows: list):
-        self.rows = rows
+    def __init__(self, rows: list, stacked: bool = False):
+        self.rows, self.stacked = rows, stacked
         self.columns = 0  # columns of the batch consumed (pads included): what generate() slices by
         self._new: list[int] = []
         self._positions: torch.Tensor | None = None
@@ -34,6 +41,11 @@ class PaddedRows:
 
     def begin(self, positions: torch.Tensor | None, q: int) -> None:
         """Start a forward of ``q`` columns whose position ids are ``positions`` (batch, q)."""
+        if self.stacked:
+            if q != 1:
+                raise ValueError(f"SinkCache: stacked streams take one token each per forward, got {q}")
+            self._positions, self._new, self._mask = positions, [1] * len(self.rows), None
+            return
         if positions is None or positions.shape[0] != len(self.rows):
             raise ValueError("SinkCache: a padded batch needs the model's position ids for every row "
                              "(transformers' generate() computes them from attention_mask)")
@@ -52,8 +64,9 @@ class PaddedRows:
         q = key_states.shape[-2]
         keys, values = [], []
         for r, (row, k) in enumerate(zip(self.rows, self._new)):
+            pos = None if self._positions is None else self._positions[r : r + 1, q - k :]
             kr, vr = row.update(key_states[r : r + 1, :, q - k :], value_states[r : r + 1, :, q - k :], layer_idx,
-                                position_ids=self._positions[r : r + 1, q - k :])
+                                position_ids=pos)
             keys.append(kr)
             values.append(vr)
         if self._mask is None:

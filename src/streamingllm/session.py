@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -154,6 +155,7 @@ class Session:
         self.cache.reset()
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self._last: list[dict] = list(self.messages)  # the messages the template delta is computed against
+        self._pending: list[dict] | None = None  # the new messages of the turn prepare() opened
 
     def save(self, path) -> None:
         """Write the conversation to ``path``: the transcript and the cache's exact state, so that
@@ -183,12 +185,80 @@ class Session:
 
     def turn_prompt(self, user_text: str) -> str:
         """The template text this user message adds to what the cache holds (with the assistant prefix)."""
-        user = {"role": "user", "content": user_text}
-        full = self._render(self._last + [user], True)
-        if not self.cache.seen_tokens:
+        return self._delta([{"role": "user", "content": user_text}])
+
+    def _delta(self, new: list[dict], last: list[dict] | None = None, empty: bool | None = None) -> str:
+        """The template text ``new`` messages add after ``last`` (default: what the cache holds),
+        ending with the assistant prefix; the whole rendering when the cache is ``empty``."""
+        last = self._last if last is None else last
+        full = self._render(last + new, True)
+        if (not self.cache.seen_tokens) if empty is None else empty:
             return full
-        before = self._render(self._last, False)
+        before = self._render(last, False)
         return full[_common_prefix(full, before) :]
+
+    def prepare(self, messages: list[dict]) -> Turn:
+        """Match a whole conversation (as an OpenAI-style client sends it, ending with a user
+        message) against the transcript, and say which tokens a turn for it must feed.
+
+        When the transcript is a prefix of ``messages`` (contents compared without surrounding
+        whitespace), only the messages after it are fed; otherwise (an edited or shortened
+        history, another system prompt) the session is rebuilt: reset, and the conversation fed
+        whole. Nothing changes here: :meth:`start` opens the turn, then feed
+        ``Turn.prompt_ids`` (e.g. with :func:`~streamingllm.feed.generate_tokens`) and call
+        :meth:`finish` with the reply. ValueError for malformed messages, and for a system prompt
+        other than the session's when it is pinned (the cache's sink region is sized for it).
+        """
+        messages = check_messages(messages)
+        system = messages[0]["content"] if messages[0]["role"] == "system" else None
+        if system != self.system and self.pinned_tokens:
+            raise ValueError("this session pins its system prompt; a conversation with another system prompt "
+                             "needs a new session")
+        n = len(self.messages)
+        if self.cache.seen_tokens and system == self.system and _same_messages(messages[:n], self.messages):
+            new = messages[n:]
+            return Turn(self._encode(self._delta(new)), self.cache.seen_tokens, "continued", new, system)
+        head = [{"role": "system", "content": system}] if system is not None else []
+        new = messages[len(head) :]
+        return Turn(self._encode(self._delta(new, head, empty=True)), 0, "rebuilt" if self.cache.seen_tokens else "new",
+                    new, system)
+
+    def start(self, turn: Turn) -> None:
+        """Open the turn :meth:`prepare` planned (resetting the session first when it is rebuilt)."""
+        if turn.status != "continued":
+            self.system = turn.system
+            self.reset()
+        self._pending = turn.new
+
+    def finish(self, reply_ids: list[int], shown: str, stopped: bool) -> None:
+        """Close the turn :meth:`prepare` opened, after its reply was generated.
+
+        Args:
+            reply_ids: the reply's token ids, end-of-turn token excluded. Generation feeds each
+                token when it computes the next one, so all but the last have been fed.
+            shown: the reply as the user saw it (cut at a stop string); the transcript keeps it,
+                so a client that sends the conversation back matches it.
+            stopped: the reply ended at an end-of-turn token (True) or was cut (length, stop
+                string, cancellation): then its last token is fed here with the turn's end.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            raise RuntimeError("Session.finish: no turn is open (call prepare first)")
+        text = self.tokenizer.decode(reply_ids, skip_special_tokens=True)
+        assistant = {"role": "assistant", "content": text}
+        closed = self._render(pending + [assistant], False)
+        found = next((t for t in (text, text.strip()) if t and t in closed), None)
+        if found:
+            tail = closed[closed.rfind(found) + len(found) :]
+        else:
+            tail = closed[_common_prefix(closed, self._render(pending, True)) :]
+        if reply_ids and not stopped:
+            tail = self.tokenizer.decode(reply_ids[-1:]) + tail
+        ids = self._encode(tail)
+        if len(ids):
+            prefill(self.model, self.cache, ids, chunk_size=self.chunk_size)
+        self.messages += pending + [{"role": "assistant", "content": shown}]
+        self._last = pending + [assistant]
 
     def reply(self, user_text: str) -> Iterator[str]:
         """Add the user's message, and yield the assistant's reply as text pieces as they come.
@@ -199,12 +269,12 @@ class Session:
         """
         if not isinstance(user_text, str) or not user_text.strip():
             raise ValueError("the user message is empty")
-        user = {"role": "user", "content": user_text}
-        prompt = self._encode(self.turn_prompt(user_text))
+        turn = self.prepare(self.messages + [{"role": "user", "content": user_text}])
+        self.start(turn)
         decoder, reply_ids, stopped = TextDecoder(self.tokenizer), [], False
         shown = StopStrings(self.stop)
         try:
-            for token in generate_tokens(self.model, self.cache, prompt, self.max_new_tokens, self.sampling,
+            for token in generate_tokens(self.model, self.cache, turn.prompt_ids, self.max_new_tokens, self.sampling,
                                          self.stop_ids, chunk_size=self.chunk_size, min_new_tokens=self.min_new_tokens):
                 tid = int(token[0])
                 if tid in self.stop_ids:
@@ -220,25 +290,52 @@ class Session:
             if rest:
                 yield rest
         except GeneratorExit:  # the caller stopped reading: keep what was shown
-            self._close_turn(user, reply_ids, stopped)
+            self.finish(reply_ids, shown.text[: shown.shown], stopped)
             raise
-        self._close_turn(user, reply_ids, stopped)
+        self.finish(reply_ids, shown.text[: shown.shown], stopped)
 
-    def _close_turn(self, user: dict, reply_ids: list[int], stopped: bool) -> None:
-        """Feed the end of the assistant turn as the template writes it (and the reply's last token,
-        which generation yields without feeding it)."""
-        text = self.tokenizer.decode(reply_ids, skip_special_tokens=True)
-        assistant = {"role": "assistant", "content": text}
-        closed = self._render([user, assistant], False)
-        found = next((t for t in (text, text.strip()) if t and t in closed), None)
-        if found:
-            tail = closed[closed.rfind(found) + len(found) :]
-        else:
-            tail = closed[_common_prefix(closed, self._render([user], True)) :]
-        if reply_ids and not stopped:
-            tail = self.tokenizer.decode(reply_ids[-1:]) + tail
-        ids = self._encode(tail)
-        if len(ids):
-            prefill(self.model, self.cache, ids, chunk_size=self.chunk_size)
-        self.messages += [user, assistant]
-        self._last = [user, assistant]
+
+@dataclass(frozen=True)
+class Turn:
+    """What :meth:`Session.prepare` found.
+
+    Attributes:
+        prompt_ids: the tokens to feed for the new messages (1D int64), ending with the assistant prefix.
+        cached_tokens: tokens of the conversation consumed before (not fed again).
+        status: ``"new"`` (an empty session), ``"continued"`` (the transcript matched) or
+            ``"rebuilt"`` (the history differed: the session is reset and the conversation fed whole).
+        new: the messages the turn adds to the transcript (before the reply).
+        system: the conversation's system prompt (None without one).
+    """
+
+    prompt_ids: torch.Tensor
+    cached_tokens: int
+    status: str
+    new: list[dict]
+    system: str | None
+
+
+ROLES = ("system", "user", "assistant")
+
+
+def check_messages(messages) -> list[dict]:
+    """``messages`` as a list of ``{"role", "content"}`` dicts with string contents, a system
+    message first if any, ending with a user message; ValueError naming what is wrong."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError("messages must be a non-empty list of {role, content} objects")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+            raise ValueError(f"messages[{i}] must be {{role: one of {', '.join(ROLES)}, content: string}}, got {m!r}")
+        if m["role"] == "system" and i:
+            raise ValueError(f"messages[{i}]: a system message may only come first")
+        out.append({"role": m["role"], "content": m["content"]})
+    if out[-1]["role"] != "user" or not out[-1]["content"].strip():
+        raise ValueError("the last message must be a non-empty user message")
+    return out
+
+
+def _same_messages(a: list[dict], b: list[dict]) -> bool:
+    """Equal transcripts: same roles, same contents up to surrounding whitespace."""
+    return len(a) == len(b) and all(x["role"] == y["role"] and x["content"].strip() == y["content"].strip()
+                                    for x, y in zip(a, b))

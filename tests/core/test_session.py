@@ -106,9 +106,16 @@ def test_stop_strings_end_the_shown_reply(smollm):
     model, tokenizer = smollm
     session = Session(model, tokenizer, 4, 200, system="You are a helpful assistant.", max_new_tokens=40,
                       stop=["Paris"])
-    shown = "".join(session.reply("What is the capital of France?"))
+    fed, handle = _recording(model)
+    try:
+        shown = "".join(session.reply("What is the capital of France?"))
+    finally:
+        handle.remove()
     assert "Paris" not in shown and shown.strip()
-    assert "Paris" in session.messages[-1]["content"]  # the transcript keeps what the model wrote
+    assert session.messages[-1]["content"] == shown  # the transcript: what the user saw (a client sends it back)
+    assert "Paris" in tokenizer.decode(fed)  # the cache: what the model wrote
+    turn = session.prepare(session.messages + [{"role": "user", "content": "Thanks."}])
+    assert turn.status == "continued"  # the shown reply matches the transcript
 
 
 def test_a_saved_conversation_continues_exactly(smollm, tmp_path):

@@ -27,17 +27,18 @@ attention sinks + a rolling window, exact for transformers 5).
 commands:
   generate     continue a prompt, streaming tokens however long the output
   chat         a multi-turn chat whose memory stays bounded
+  serve        an OpenAI-compatible server with one bounded cache per conversation
   perplexity   the paper's evaluation: dense, window, recompute and streaming on long text
   bench        speed and memory: latency vs cache size, endless streams"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, chat, generate, perplexity
+    from . import bench, chat, generate, perplexity, serve
 
     parser = argparse.ArgumentParser(prog="streamingllm", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"streamingllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate, chat, perplexity, bench):
+    for module in (generate, chat, serve, perplexity, bench):
         module.register(sub)
     return parser
 
