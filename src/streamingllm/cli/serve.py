@@ -29,6 +29,7 @@ def register(sub) -> None:
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch before 503")
     s.add_argument("--max-prompt-tokens", type=int, default=65536, help="tokens one request may add (413 beyond)")
     s.add_argument("--max-tokens", type=int, default=512, help="reply limit when a request gives none")
+    s.add_argument("--max-body-mib", type=float, default=8.0, help="larger request bodies are refused (413)")
     s.add_argument("--chunk-size", type=int, default=256, help="prompt tokens per forward pass")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
@@ -46,7 +47,7 @@ def run(args) -> int:
                               max_batch=args.max_batch, max_queue=args.max_queue, max_sessions=args.max_sessions,
                               max_cache_mib=args.max_cache_mib, state_dir=args.state_dir,
                               max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                              api_key=args.api_key).check()
+                              max_body_mib=args.max_body_mib, api_key=args.api_key).check()
     check_int("port", args.port, 0, 65535)
     uvicorn = require("uvicorn", "the server")
     from .options import load_model

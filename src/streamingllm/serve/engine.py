@@ -132,7 +132,7 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queue ``job`` (any thread); OverloadedError when the queue is full."""
-        if self._waiting.qsize() >= self.max_queue and len(self._running) >= self.max_batch:
+        if self._waiting.qsize() + len(self._running) >= self.max_batch + self.max_queue:
             raise OverloadedError("the server is at capacity")
         self._waiting.put(job)
 

@@ -121,8 +121,9 @@ class SessionStore:
             if entry.busy:
                 raise SessionBusyError(sid)
             del self._entries[sid]
-        for suffix in (".pt", ".json"):
-            self._path(sid, suffix).unlink(missing_ok=True)
+        if self.state_dir is not None:
+            for suffix in (".pt", ".json"):
+                self._path(sid, suffix).unlink(missing_ok=True)
 
     def describe(self, sid: str) -> dict:
         """What ``GET /v1/sessions/{id}`` shows."""

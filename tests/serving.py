@@ -1,0 +1,88 @@
+"""A real ``streamingllm serve`` in a subprocess (the default model, uvicorn, loopback), for the
+server tests and the chat client's."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
+API_KEY = "test-key"
+MODEL = "smollm2-135m"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """``streamingllm serve`` in a subprocess; :meth:`restart` stops it and starts it again on the
+    same port and state directory."""
+
+    def __init__(self, state_dir, *flags: str):
+        self.port, self.state_dir, self.flags = free_port(), state_dir, flags
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "streamingllm.cli", "serve", "--port", str(self.port), "--api-key", API_KEY,
+               "--state-dir", str(self.state_dir), "--log-level", "warning", *self.flags]
+        self.log = open(self.state_dir / "server.log", "a")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"the server exited: {(self.state_dir / 'server.log').read_text()[-2000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        pytest.fail("the server did not start within 180 s")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(self):
+        import openai
+
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=300)
+
+    def http(self, method: str, path: str, **kwargs):
+        headers = {"Authorization": f"Bearer {API_KEY}", **kwargs.pop("headers", {})}
+        return httpx.request(method, f"{self.url}{path}", headers=headers, timeout=300, **kwargs)
+
+    def new_session(self, pin_system: bool = False) -> str:
+        r = self.http("POST", "/v1/sessions", json={"pin_system": pin_system})
+        assert r.status_code == 200, r.text
+        return r.json()["id"]
+
+    def metric(self, name: str, default: float | None = None) -> float:
+        """A sample of /metrics by its exact name (labels included), or ``default`` when absent."""
+        for line in self.http("GET", "/metrics").text.splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+        if default is None:
+            raise KeyError(name)
+        return default
