@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from types import SimpleNamespace
 
 import pytest
 
+from chat_driver import interrupt_a_story
 from serving import free_port
 from streamingllm.cli import main
 
@@ -85,19 +85,9 @@ def test_chat_talks_to_the_server(server, tmp_path):
 
 
 def test_ctrl_c_stops_a_server_reply_and_keeps_the_conversation(server):
-    proc = subprocess.Popen(_chat("--server", server.url, "--max-new-tokens", "200", "--system",
-                                  "You are a helpful assistant."),
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdin.write("Tell me a long story about a lighthouse keeper.\n")
-    proc.stdin.flush()
-    assert proc.stdout.read(5) == "bot> "
-    proc.stdout.read(20)  # the reply is streaming
-    proc.send_signal(signal.SIGINT)
-    time.sleep(1)
-    proc.stdin.write("What is the capital of France?\n/stats\n")
-    proc.stdin.close()
-    out, err = proc.stdout.read(), proc.stderr.read()  # until the chat exits at end of input
-    assert proc.wait(timeout=300) == 0, err
+    code, out, err = interrupt_a_story(_chat("--server", server.url, "--max-new-tokens", "200", "--system",
+                                             "You are a helpful assistant."))
+    assert code == 0, err
     assert "[stopped]" in err and err.rstrip().endswith("2 turns]"), err
     lines = out.strip().splitlines()
     assert len(lines) == 2 and lines[-1].startswith("bot> ") and "Paris" in lines[-1], out

@@ -10,6 +10,8 @@ import sys
 
 import pytest
 
+from chat_driver import interrupt_a_story
+
 import streamingllm
 from streamingllm.cli import main
 from streamingllm.cli.generate import read_prompt
@@ -106,22 +108,9 @@ def test_a_cache_too_large_for_memory_is_refused_before_allocating(capsys):
 def test_chat_survives_ctrl_c_and_keeps_the_conversation(tmp_path):
     """Ctrl-C during a reply stops that reply only: the chat answers the next line, /stats counts
     both turns, and stdout has one line per reply."""
-    import signal
-    import time
-
-    proc = subprocess.Popen([sys.executable, "-m", "streamingllm.cli", "chat", "--max-new-tokens", "200",
-                             "--window-size", "252", "--system", "You are a helpful assistant."],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    proc.stdin.write("Tell me a long story about a lighthouse keeper.\n")
-    proc.stdin.flush()
-    assert proc.stdout.read(5) == "bot> "
-    proc.stdout.read(20)  # the reply is streaming
-    proc.send_signal(signal.SIGINT)
-    time.sleep(1)
-    proc.stdin.write("What is the capital of France?\n/stats\n")
-    proc.stdin.close()
-    out, err = proc.stdout.read(), proc.stderr.read()  # until the chat exits at end of input
-    assert proc.wait(timeout=300) == 0, err
+    code, out, err = interrupt_a_story([sys.executable, "-m", "streamingllm.cli", "chat", "--max-new-tokens", "200",
+                                        "--window-size", "252", "--system", "You are a helpful assistant."])
+    assert code == 0, err
     assert "[stopped]" in err and "2 turns" in err
     lines = out.strip().splitlines()
     assert "Paris" in lines[-1] and lines[-1].startswith("bot> ")

@@ -131,3 +131,31 @@ def test_a_saved_conversation_continues_exactly(smollm, tmp_path):
         Session(model, tokenizer, 4, 61).load(tmp_path / "chat.pt")
     with pytest.raises(ValueError, match="cannot read"):
         again.load(tmp_path / "missing.pt")
+
+
+def test_prepare_matches_a_whole_conversation_and_changes_nothing(smollm):
+    """What a stateless API client sends: the transcript as a prefix feeds only what follows; an
+    edited history is rebuilt whole; prepare() itself feeds and resets nothing."""
+    model, tokenizer = smollm
+    session = Session(model, tokenizer, 4, 200, system="Answer in one short sentence.", max_new_tokens=20)
+    "".join(session.reply("What is the capital of France?"))
+    seen = session.cache.seen_tokens
+    follow = session.messages + [{"role": "user", "content": "And of Italy?"}]
+    turn = session.prepare(follow)
+    assert turn.status == "continued" and turn.cached_tokens == seen
+    assert tokenizer.decode(turn.prompt_ids) == session.turn_prompt("And of Italy?")
+    padded = [dict(m, content=f"  {m['content']}\n") if m["role"] == "assistant" else m for m in follow]
+    assert session.prepare(padded).status == "continued"  # whitespace around a reply does not matter
+    edited = [follow[0], {"role": "user", "content": "What is the capital of Spain?"}]
+    rebuilt = session.prepare(edited)
+    assert rebuilt.status == "rebuilt" and rebuilt.cached_tokens == 0
+    assert tokenizer.decode(rebuilt.prompt_ids) == tokenizer.apply_chat_template(edited, tokenize=False,
+                                                                                add_generation_prompt=True)
+    assert session.cache.seen_tokens == seen and len(session.messages) == 3  # nothing changed yet
+    for bad in ([], [{"role": "user"}], follow[:-1] + [{"role": "assistant", "content": "x"}],
+                [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]):
+        with pytest.raises(ValueError):
+            session.prepare(bad)
+    pinned = Session(model, tokenizer, 4, 200, system="Answer in one short sentence.", pin_system=True)
+    with pytest.raises(ValueError, match="pins its system prompt"):
+        pinned.prepare([{"role": "system", "content": "Another."}, {"role": "user", "content": "Hi"}])
