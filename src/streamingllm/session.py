@@ -230,7 +230,7 @@ class Session:
             self.reset()
         self._pending = turn.new
 
-    def finish(self, reply_ids: list[int], shown: str, stopped: bool) -> None:
+    def finish(self, reply_ids: list[int], shown: str, all_fed: bool) -> None:
         """Close the turn :meth:`prepare` opened, after its reply was generated.
 
         Args:
@@ -238,8 +238,10 @@ class Session:
                 token when it computes the next one, so all but the last have been fed.
             shown: the reply as the user saw it (cut at a stop string); the transcript keeps it,
                 so a client that sends the conversation back matches it.
-            stopped: the reply ended at an end-of-turn token (True) or was cut (length, stop
-                string, cancellation): then its last token is fed here with the turn's end.
+            all_fed: every token of ``reply_ids`` is in the cache already: the reply ended at an
+                end-of-turn token (which is not fed: the turn's end is), or the caller's loop fed
+                the last token before it stopped. False when the last one was not fed (a loop that
+                stopped at a length or stop-string limit): it is fed here, with the turn's end.
         """
         pending, self._pending = self._pending, None
         if pending is None:
@@ -252,7 +254,7 @@ class Session:
             tail = closed[closed.rfind(found) + len(found) :]
         else:
             tail = closed[_common_prefix(closed, self._render(pending, True)) :]
-        if reply_ids and not stopped:
+        if reply_ids and not all_fed:
             tail = self.tokenizer.decode(reply_ids[-1:]) + tail
         ids = self._encode(tail)
         if len(ids):

@@ -151,11 +151,24 @@ class RemoteSession:
 
     # --- the server's numbers --------------------------------------------------------------------
 
-    def refresh(self) -> dict:
-        """The server's current numbers for the session (``GET /v1/sessions/{id}``), kept in :attr:`info`."""
-        described = self._json("GET", f"/v1/sessions/{urllib.parse.quote(self.session_id)}")
+    def refresh(self, wait_s: float = 10.0) -> dict:
+        """The server's current numbers for the session (``GET /v1/sessions/{id}``), kept in :attr:`info`.
+
+        After a stopped reply the server closes the turn with what it generated, which may be a
+        token or two more than was shown here: the server's transcript is adopted, so the next
+        request continues the session instead of rebuilding it. Waits up to ``wait_s`` seconds
+        for the server to finish that turn.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            described = self._json("GET", f"/v1/sessions/{urllib.parse.quote(self.session_id)}")
+            if not described.get("busy") or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
         if "seen_tokens" in described:
-            self.info = described
+            self.info = {k: v for k, v in described.items() if k != "messages"}
+        if isinstance(described.get("messages"), list) and not described.get("busy"):
+            self.messages = described["messages"]
         return self.info
 
     def stats(self) -> dict:

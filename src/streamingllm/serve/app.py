@@ -24,7 +24,7 @@ from .protocol import ChatCompletionRequest, CompletionRequest, SessionRequest, 
 from .sessions import SessionBusyError, SessionStore, UnknownSessionError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               409: "conflict_error", 413: "request_too_large", 503: "overloaded_error"}
+               409: "conflict_error", 413: "request_too_large", 500: "server_error", 503: "overloaded_error"}
 
 
 class APIError(Exception):
@@ -41,7 +41,7 @@ class ClientGone(Exception):
 
 def error_response(status: int, message: str, type_: str | None = None, param: str | None = None,
                    headers: dict | None = None) -> JSONResponse:
-    return JSONResponse(error_body(message, type_ or ERROR_TYPES.get(status, "server_error"), status, param),
+    return JSONResponse(error_body(message, type_ or ERROR_TYPES.get(status, "invalid_request_error"), None, param),
                         status_code=status, headers=headers)
 
 
@@ -158,7 +158,7 @@ def _router() -> APIRouter:
 
     @router.post("/v1/completions")
     async def completions(request: Request, body: CompletionRequest):
-        if body.session_id is not None:
+        if body.session_id is not None or "x-session-id" in request.headers:
             raise APIError(400, "sessions are for /v1/chat/completions; text completions are one-off", "session_id")
         return await _serve(request, body, "text_completion", body.logprobs, prompt=body.prompt)
 
@@ -207,9 +207,16 @@ async def _serve(request: Request, body, kind: str, top_logprobs: int | None, me
             store.release(entry)
     reply = _Reply(kind, body.model, top_logprobs is not None)
     try:
-        first = await _next(request, job, events)
+        return await _answer(request, body, job, events, reply)
     except ClientGone:
-        return Response(status_code=499)
+        return Response(status_code=499)  # nginx's "client closed request"; nobody reads it
+    except asyncio.CancelledError:
+        job.cancelled.set()
+        raise
+
+
+async def _answer(request: Request, body, job: Job, events: asyncio.Queue, reply: _Reply):
+    first = await _next(request, job, events)
     if first["type"] == "error":
         raise APIError(first["status"], first["message"], first.get("param"), type_=first.get("error_type"))
     if body.stream:
@@ -222,21 +229,26 @@ async def _serve(request: Request, body, kind: str, top_logprobs: int | None, me
         reply.add(event)
         if event["type"] == "done":
             return reply.whole()
-        try:
-            event = await _next(request, job, events)
-        except ClientGone:
-            return Response(status_code=499)
+        event = await _next(request, job, events)
+
+
+DISCONNECT_CHECK_S = 0.5  # how often a whole (non-streamed) request checks that its client is still there
 
 
 async def _next(request: Request, job: Job, events: asyncio.Queue) -> dict:
-    """The job's next event; cancels the job when the client has gone (ClientGone)."""
+    """The job's next event; cancels the job when the client has gone (ClientGone), checked at
+    least every DISCONNECT_CHECK_S however fast the events come."""
+    loop = asyncio.get_running_loop()
     while True:
-        try:
-            return await asyncio.wait_for(events.get(), timeout=1.0)
-        except asyncio.TimeoutError:
+        if loop.time() - job.watched_at >= DISCONNECT_CHECK_S:
+            job.watched_at = loop.time()
             if await request.is_disconnected():
                 job.cancelled.set()
-                raise ClientGone() from None
+                raise ClientGone()
+        try:
+            return await asyncio.wait_for(events.get(), timeout=DISCONNECT_CHECK_S)
+        except asyncio.TimeoutError:
+            continue
 
 
 async def _stream(request: Request, job: Job, events: asyncio.Queue, first: dict, reply: _Reply, include_usage: bool):
@@ -275,12 +287,14 @@ class _Reply:
         self.id = new_id("chatcmpl" if kind == "chat.completion" else "cmpl")
         self.created = now()
         self.text: list[str] = []
+        self.chars = 0  # len("".join(self.text)), kept as chunks come
         self.lps: list[dict] = []
         self.done: dict | None = None
 
     def add(self, event: dict) -> None:
         if event["type"] == "token":
             self.text.append(event["text"])
+            self.chars += len(event["text"])
             if "logprob" in event:
                 self.lps.append(event["logprob"])
         else:
@@ -318,9 +332,10 @@ class _Reply:
 
     def chunk(self, role: bool = False, event: dict | None = None, finish: dict | None = None) -> dict:
         chat = self.kind == "chat.completion"
-        at = sum(map(len, self.text))
+        at = self.chars
         if event is not None:
             self.text.append(event["text"])
+            self.chars += len(event["text"])
         lp = self._logprobs([event["logprob"]], at) if event is not None and "logprob" in event else None
         if chat:
             delta = {"role": "assistant", "content": ""} if role else ({"content": event["text"]} if event else {})

@@ -70,6 +70,7 @@ class Job:
     top_logprobs: int | None
     emit: Callable[[dict], None]
     created: float = field(default_factory=time.perf_counter)
+    watched_at: float = 0.0  # when the HTTP side last checked that the client is still connected
     cancelled: threading.Event = field(default_factory=threading.Event)
     # worker state
     session: Session | None = None
@@ -82,6 +83,7 @@ class Job:
     generator: torch.Generator | None = None
     recent: torch.Tensor | None = None
     reply_ids: list[int] = field(default_factory=list)
+    fed: int = 0  # reply tokens in the cache (a token is fed by the step that computes the next one)
     decoder: TextDecoder | None = None
     shown: StopStrings | None = None
     last_token_at: float | None = None
@@ -149,15 +151,15 @@ class Engine:
             self._admit()
             if not self._running:
                 continue
-            for job in [j for j in self._running if j.cancelled.is_set()]:
-                self._end(job, "cancelled")
             try:
+                for job in [j for j in self._running if j.cancelled.is_set()]:
+                    self._end(job, "cancelled")
                 self._read_prompt_chunk()
                 self._decode_step()
-            except Exception as err:  # a failure inside the model: fail the requests it touched
+            except Exception as err:  # a bug: fail what is running, keep serving
                 traceback.print_exc()
                 for job in list(self._running):
-                    self._fail(job, 500, f"internal error: {type(err).__name__}: {err}", "server_error")
+                    self._fail(job, 500, _internal(err), "server_error")
 
     def _admit(self) -> None:
         block = not self._running
@@ -180,9 +182,9 @@ class Engine:
             except ValueError as err:
                 self._fail(job, 400, str(err), param="messages")
                 continue
-            except Exception as err:  # a saved state that cannot be read, say
+            except Exception as err:
                 traceback.print_exc()
-                self._fail(job, 500, f"internal error: {type(err).__name__}: {err}", "server_error")
+                self._fail(job, 500, _internal(err), "server_error")
                 continue
             self._running.append(job)
 
@@ -194,7 +196,7 @@ class Engine:
                 job.session, job.restored = self.store.session(job.entry, system)
             else:
                 job.session = self.new_session(system, False)
-            job.turn = job.session.prepare(job.messages)
+            job.turn = job.session.prepare(job.messages)  # changes nothing: the request may still be refused
             ids = job.turn.prompt_ids
             job.cache = job.session.cache
         else:
@@ -203,10 +205,11 @@ class Engine:
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(413, f"the prompt adds {len(ids)} tokens; this server takes at most "
                                     f"{self.max_prompt_tokens} per request (--max-prompt-tokens)", param="messages")
+        if job.entry is not None:
+            self.store.adopt(job.entry, job.session)
+            self.store.enforce_budget()
         if job.turn is not None:
             job.session.start(job.turn)
-        if job.entry is not None:
-            self.store.enforce_budget()
         job.prompt_tokens = len(ids)
         job.chunks = iter_chunks(self.model, job.cache, ids[None], chunk_size=self.chunk_size)
         job.decoder, job.shown = TextDecoder(self.tokenizer), StopStrings(job.stop)
@@ -223,11 +226,14 @@ class Engine:
         job = reading[self._turn]
         try:
             _, logits = next(job.chunks)
-            job.logits = logits[:, -1]
         except StopIteration:
             job.chunks = None
+        except Exception as err:  # this request's forward failed (out of memory, say): fail it alone
+            traceback.print_exc()
+            self._fail(job, 500, _internal(err), "server_error")
         else:
-            if job.logits is not None and self._prompt_done(job):
+            job.logits = logits[:, -1]
+            if self._prompt_done(job):
                 job.chunks = None
 
     def _prompt_done(self, job: Job) -> bool:
@@ -240,14 +246,27 @@ class Engine:
             return
         tokens, going = [], []
         for job in generating:
-            token = self._choose(job)
+            try:
+                token = self._choose(job)
+            except Exception as err:  # this request's sampling failed: fail it alone
+                traceback.print_exc()
+                self._fail(job, 500, _internal(err), "server_error")
+                continue
             if token is not None:
                 tokens.append(token)
                 going.append(job)
-        if going:
+        if not going:
+            return
+        try:
             logits = decode_rows(self.model, [j.cache for j in going], tokens)
-            for r, job in enumerate(going):
-                job.logits = logits[r : r + 1]
+        except Exception as err:  # the rows' caches may be written in part: fail the rows of this step
+            traceback.print_exc()
+            for job in going:
+                self._fail(job, 500, _internal(err), "server_error")
+            return
+        for r, job in enumerate(going):
+            job.logits = logits[r : r + 1]
+            job.fed = len(job.reply_ids)
 
     def _choose(self, job: Job) -> int | None:
         """Pick and emit the job's next token; None when the job has ended."""
@@ -290,30 +309,38 @@ class Engine:
                 "top_logprobs": [{"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())} for t, v in top]}
 
     def _end(self, job: Job, reason: str, stopped: bool = False) -> None:
-        """Finish a job: close the session's turn, save it, and emit the end."""
-        self._running.remove(job)
-        rest = job.shown.flush() if job.shown is not None and reason != "cancelled" else ""
-        if rest:
-            job.emit({"type": "token", "text": rest})
+        """Finish a job: close the session's turn, save it (before the end is acknowledged), emit the end.
+
+        ``stopped``: the reply ended at an end-of-turn token."""
+        if job in self._running:
+            self._running.remove(job)
         session_info = None
-        if job.turn is not None:
-            if job.chunks is not None:  # cut while reading the prompt: the cache no longer matches
-                if job.entry is not None:
-                    self.store.forget_state(job.entry)
-            else:
-                shown = job.shown.text[: job.shown.shown]
-                job.session.finish(job.reply_ids, shown, stopped)
-                if job.entry is not None:
-                    self.store.save(job.entry)
-            session_info = self._session_info(job)
+        try:
+            rest = job.shown.flush() if job.shown is not None and reason != "cancelled" else ""
+            if rest:
+                job.emit({"type": "token", "text": rest})
+            if job.turn is not None:
+                if job.chunks is not None:  # cut while reading the prompt: the cache no longer matches
+                    if job.entry is not None:
+                        self.store.forget_state(job.entry)
+                else:
+                    shown = job.shown.text[: job.shown.shown]
+                    job.session.finish(job.reply_ids, shown, stopped or job.fed == len(job.reply_ids))
+                    if job.entry is not None:
+                        self.store.save(job.entry)
+                session_info = self._session_info(job)
+        except Exception as err:  # closing or saving the turn failed: the turn is not acknowledged
+            traceback.print_exc()
+            self._fail(job, 500, _internal(err), "server_error")
+            return
+        cached = job.turn.cached_tokens if job.turn else 0
         if self.metrics is not None:
-            self.metrics.finished(job.prompt_tokens, job.turn.cached_tokens if job.turn else 0, len(job.reply_ids),
-                                  reason, time.perf_counter() - job.created)
+            self.metrics.finished(job.prompt_tokens, cached, len(job.reply_ids), reason,
+                                  time.perf_counter() - job.created)
         self._release(job)
-        usage = {"prompt_tokens": job.prompt_tokens + (job.turn.cached_tokens if job.turn else 0),
-                 "completion_tokens": len(job.reply_ids),
-                 "prompt_tokens_details": {"cached_tokens": job.turn.cached_tokens if job.turn else 0}}
-        usage["total_tokens"] = usage["prompt_tokens"] + usage["completion_tokens"]
+        usage = {"prompt_tokens": job.prompt_tokens + cached, "completion_tokens": len(job.reply_ids),
+                 "total_tokens": job.prompt_tokens + cached + len(job.reply_ids),
+                 "prompt_tokens_details": {"cached_tokens": cached}}
         job.emit({"type": "done", "finish_reason": reason, "usage": usage, "session": session_info})
 
     def _session_info(self, job: Job) -> dict | None:
@@ -331,14 +358,18 @@ class Engine:
               param: str | None = None) -> None:
         if job in self._running:
             self._running.remove(job)
-        if job.entry is not None and job.turn is not None and status >= 500:
-            self.store.forget_state(job.entry)
+        if job.entry is not None and job.turn is not None and status >= 500 and job.session is job.entry.session:
+            self.store.forget_state(job.entry)  # its cache may be written in part
         self._release(job)
         job.emit({"type": "error", "status": status, "message": message, "error_type": type_, "param": param})
 
     def _release(self, job: Job) -> None:
         if job.entry is not None:
             self.store.release(job.entry)
+
+
+def _internal(err: Exception) -> str:
+    return f"internal error: {type(err).__name__}: {err}"
 
 
 def emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[dict], None]:

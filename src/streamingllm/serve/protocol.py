@@ -58,7 +58,8 @@ class GenerationParams(BaseModel):
     # extensions
     session_id: str | None = Field(None, description="streamingllm: the session whose cache continues")
     top_k: int = Field(0, ge=0, description="streamingllm: keep the k most likely tokens (0 = all)")
-    repetition_penalty: float = Field(1.0, gt=0.0, description="streamingllm: llama.cpp's and transformers' penalty")
+    repetition_penalty: float = Field(1.0, ge=0.01, le=100.0,
+                                      description="streamingllm: llama.cpp's and transformers' penalty")
     min_tokens: int = Field(0, ge=0, description="streamingllm: the end of turn is suppressed for this many tokens")
 
     @field_validator("stop")
@@ -70,7 +71,9 @@ class GenerationParams(BaseModel):
         return stops
 
     def sampling(self, penalty_last_n: int) -> Sampling:
-        return Sampling(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
+        """The request's :class:`Sampling`; temperatures below 1e-3 are greedy (dividing by them
+        overflows)."""
+        return Sampling(temperature=0.0 if self.temperature < 1e-3 else self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
                         repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
                         frequency_penalty=self.frequency_penalty, penalty_last_n=penalty_last_n)
 
@@ -128,6 +131,6 @@ def now() -> int:
     return int(time.time())
 
 
-def error_body(message: str, type_: str, code: int | str | None = None, param: str | None = None) -> dict:
-    """OpenAI's error object."""
+def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
+    """OpenAI's error object (``code``: a short machine-readable string, or None)."""
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}

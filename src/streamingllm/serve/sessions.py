@@ -21,6 +21,7 @@ import os
 import re
 import secrets
 import threading
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -133,11 +134,11 @@ class SessionStore:
                 raise UnknownSessionError(sid)
             s = entry.session
             info = {"id": sid, "object": "session", "pin_system": entry.pin_system,
-                    "resident": s is not None, "saved": entry.saved}
+                    "resident": s is not None, "saved": entry.saved, "busy": entry.busy}
             if s is not None:
                 info.update(turns=sum(m["role"] == "user" for m in s.messages), seen_tokens=s.cache.seen_tokens,
                             cached_tokens=s.cache.cached_tokens, max_cached_tokens=s.cache.max_cached_tokens,
-                            pinned_tokens=s.pinned_tokens)
+                            pinned_tokens=s.pinned_tokens, messages=list(s.messages))
             return info
 
     def counts(self) -> dict:
@@ -152,17 +153,29 @@ class SessionStore:
     # --- sessions (the worker thread) -------------------------------------------------------
 
     def session(self, entry: Entry, system: str | None) -> tuple[Session, bool]:
-        """The live session of ``entry`` for a conversation with ``system``: loaded from the state
-        directory if it was saved (then True), made new otherwise. A pinned session whose system
-        prompt changes is made new (its sink region is sized for the old one)."""
+        """The session to serve ``entry``'s next conversation (with ``system``), and whether it
+        was restored: loaded from the state directory if it was saved, made new otherwise (also
+        when the saved state cannot be read: it then counts as dropped). A pinned session whose
+        system prompt changes gets a new one (its sink region is sized for the old one). A new
+        session replaces the entry's only when :meth:`adopt` says so (a refused request leaves
+        the entry as it was)."""
         restored = False
         if entry.session is None and entry.saved:
-            session = self.make_session(self._saved_system(entry.id), entry.pin_system)
-            session.load(self._path(entry.id, ".pt"))
-            entry.session, restored = session, True
+            try:
+                session = self.make_session(self._saved_system(entry.id), entry.pin_system)
+                session.load(self._path(entry.id, ".pt"))
+            except Exception as err:  # another model or cache size since a restart, a damaged file
+                warnings.warn(f"session {entry.id}: its saved state cannot be restored ({err}); starting it anew")
+                entry.saved, entry.evicted = False, "dropped"
+            else:
+                entry.session, restored = session, True
         if entry.session is None or (entry.pin_system and entry.session.system != system):
-            entry.session = self.make_session(system, entry.pin_system)
+            return self.make_session(system, entry.pin_system), restored
         return entry.session, restored
+
+    def adopt(self, entry: Entry, session: Session) -> None:
+        """``session`` is ``entry``'s from now on (its request was accepted)."""
+        entry.session = session
 
     def save(self, entry: Entry) -> None:
         """Write the session's state (after a turn, before it is acknowledged)."""
@@ -175,17 +188,20 @@ class SessionStore:
         entry.saved = True
 
     def forget_state(self, entry: Entry) -> None:
-        """The session's cache no longer matches its transcript (a turn failed part-way): start over."""
+        """The live session's cache no longer matches its transcript (a turn failed or was cut
+        part-way): drop it from memory. A saved state (the last acknowledged turn) is kept, and
+        the next request continues from it."""
         entry.session = None
-        entry.saved = False
-        if self.state_dir is not None:
-            self._path(entry.id, ".pt").unlink(missing_ok=True)
+        if not entry.saved:
+            entry.evicted = "dropped"
 
     def enforce_budget(self, reserve_bytes: int = 0) -> None:
         """Evict least recently used idle sessions until the budget holds with ``reserve_bytes`` more."""
         with self._lock:
             live = [e for e in self._entries.values() if e.session is not None]
-            used = sum(storage_bytes(e.session.cache) for e in live)
+            sizes = {e.id: storage_bytes(e.session.cache) for e in live}
+            known = max(sizes.values(), default=0)  # a session not yet allocated will take about this
+            used = sum(b or known for b in sizes.values())
             for e in live:  # least recently used first
                 over_count = len(live) > self.max_sessions
                 over_bytes = self.max_kv_bytes is not None and used + reserve_bytes > self.max_kv_bytes
@@ -193,7 +209,7 @@ class SessionStore:
                     break
                 if e.busy:
                     continue
-                used -= storage_bytes(e.session.cache)
+                used -= sizes[e.id] or known
                 e.evicted = "saved" if e.saved else "dropped"
                 self.evictions[e.evicted] += 1
                 e.session = None
