@@ -29,16 +29,19 @@ commands:
   chat         a multi-turn chat whose memory stays bounded
   serve        an OpenAI-compatible server with one bounded cache per conversation
   perplexity   the paper's evaluation: dense, window, recompute and streaming on long text
+  attention    attention maps and attention-sink statistics per layer (the paper's Figure 2)
+  streameval   question answering over an endless stream (the paper's StreamEval)
+  passkey      passkey retrieval against depth and cache size
   bench        speed and memory: latency vs cache size, endless streams"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import bench, chat, generate, perplexity, serve
+    from . import attention, bench, chat, generate, passkey, perplexity, serve, streameval
 
     parser = argparse.ArgumentParser(prog="streamingllm", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"streamingllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate, chat, serve, perplexity, bench):
+    for module in (generate, chat, serve, perplexity, attention, streameval, passkey, bench):
         module.register(sub)
     return parser
 

@@ -1,0 +1,176 @@
+"""Tables, CSV files and figures of the attention, StreamEval and passkey evaluations."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..report import format_table, pyplot, save_figure, write_csv
+from .attention import SinkStats
+from .passkey import PasskeyResult
+from .streameval import StreamEvalResult
+
+# --- attention ---------------------------------------------------------------------------------
+
+
+def plot_maps(maps: np.ndarray, tokens: Sequence[str], path, layers: Sequence[int] | None = None,
+              title: str = "") -> Path:
+    """The paper's Figure 2: one panel per layer of head-averaged attention (rows: queries)."""
+    plt = pyplot()
+    layers = list(range(len(maps))) if layers is None else list(layers)
+    cols = min(4, len(layers))
+    rows = (len(layers) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.0 * rows), squeeze=False)
+    for ax in axes.flat[len(layers) :]:
+        ax.axis("off")
+    n = len(tokens)
+    for ax, layer in zip(axes.flat, layers):
+        m = np.where(np.tril(np.ones((n, n), dtype=bool)), maps[layer][:n, :n], np.nan)
+        ax.imshow(m, cmap="viridis", vmin=0.0, vmax=float(np.nanmax(m)) or 1.0)
+        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.set_xticks(range(n))
+        ax.set_xticklabels(tokens, rotation=90, fontsize=5)
+        ax.set_yticks(range(n))
+        ax.set_yticklabels(tokens, fontsize=5)
+    return save_figure(fig, path, title)
+
+
+def sink_rows(stats: Sequence[SinkStats]) -> list[dict]:
+    return [{"model": s.label, "layer": layer, "k": s.k, "sink_share": float(s.sink_share[layer]),
+             "first_token_share": float(s.first_share[layer]), "uniform_first_token_share": s.uniform_first,
+             "tokens": s.tokens} for s in stats for layer in range(len(s.sink_share))]
+
+
+def write_sink_csv(stats: Sequence[SinkStats], path) -> Path:
+    return write_csv(sink_rows(stats), path, ["model", "layer", "k", "sink_share", "first_token_share",
+                                               "uniform_first_token_share", "tokens"])
+
+
+def sink_table(stats: Sequence[SinkStats]) -> str:
+    header = ["layer"] + [f"{s.label}: first {s.k} / first 1" for s in stats]
+    layers = max(len(s.sink_share) for s in stats)
+    rows = [[str(layer)] + [f"{s.sink_share[layer]:.3f} / {s.first_share[layer]:.3f}" if layer < len(s.sink_share)
+                            else "" for s in stats] for layer in range(layers)]
+    rows.append(["uniform"] + [f"- / {s.uniform_first:.3f}" for s in stats])
+    return format_table(header, rows)
+
+
+def plot_sinks(stats: Sequence[SinkStats], path, title: str = "") -> Path:
+    """Per layer: the share of attention on the first k tokens and on the first token, per model,
+    with uniform attention's first-token share as a dotted line."""
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for s in stats:
+        x = np.arange(len(s.sink_share))
+        a.plot(x, s.sink_share, "o-", ms=3, label=s.label)
+        line = b.plot(x, s.first_share, "o-", ms=3, label=s.label)[0]
+        b.axhline(s.uniform_first, ls=":", color=line.get_color(), lw=1)
+    a.set(xlabel="layer", ylabel=f"attention on the first {stats[0].k} tokens", ylim=(0, 1.02),
+          title="sink share (mean over heads and queries)")
+    b.set(xlabel="layer", ylabel="attention on the first token", ylim=(0, 1.02),
+          title="first token (dotted: uniform attention)")
+    a.legend(fontsize=7)
+    return save_figure(fig, path, title)
+
+
+# --- passkey -----------------------------------------------------------------------------------
+
+
+def passkey_rows(results: Sequence[PasskeyResult]) -> list[dict]:
+    return [{"label": r.label, "cache_size": r.cache_size, "depth": r.depth, "key_distance": r.key_distance,
+             "in_window": r.in_window, "correct": "" if r.correct is None else int(r.correct), "answer": r.answer}
+            for r in results]
+
+
+def write_passkey_csv(results: Sequence[PasskeyResult], path) -> Path:
+    return write_csv(passkey_rows(results), path, ["label", "cache_size", "depth", "key_distance", "in_window",
+                                                   "correct", "answer"])
+
+
+def _accuracy(results, key) -> dict:
+    """label -> {key value: accuracy} over the results with an outcome."""
+    acc: dict = defaultdict(lambda: defaultdict(list))
+    for r in results:
+        if r.correct is not None:
+            acc[r.label][key(r)].append(r.correct)
+    return {label: {k: float(np.mean(v)) for k, v in sorted(by.items())} for label, by in acc.items()}
+
+
+def passkey_table(results: Sequence[PasskeyResult]) -> str:
+    acc = _accuracy(results, lambda r: r.depth)
+    depths = sorted({r.depth for r in results})
+    labels = list(dict.fromkeys(r.label for r in results))
+    rows = [[label] + [f"{acc.get(label, {}).get(d, float('nan')):.2f}" for d in depths] for label in labels]
+    return format_table(["accuracy at depth"] + [f"{d:g}" for d in depths], rows)
+
+
+def plot_passkey(results: Sequence[PasskeyResult], path, title: str = "") -> Path:
+    """Accuracy against the key's depth, per method and cache; a dashed line marks where the key
+    enters each cache's window (deeper = closer to the question = retrievable)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    acc = _accuracy(results, lambda r: r.depth)
+    for label, by in acc.items():
+        line = ax.plot(list(by), list(by.values()), "o-", label=label)[0]
+        inside = [r.depth for r in results if r.label == label and r.in_window and r.cache_size is not None]
+        if inside and len(inside) < len([r for r in results if r.label == label]):
+            ax.axvline(min(inside), ls="--", color=line.get_color(), lw=1)
+    ax.set(xlabel="depth of the passkey (0 = start of the stream, 1 = just before the question)",
+           ylabel="accuracy", ylim=(-0.03, 1.03))
+    ax.legend(fontsize=7)
+    return save_figure(fig, path, title + "\n(dashed: the key is inside the cache's window from here on)")
+
+
+# --- StreamEval --------------------------------------------------------------------------------
+
+
+def streameval_rows(results: Sequence[StreamEvalResult]) -> list[dict]:
+    return [{"label": r.label, "cache_size": r.cache_size, "after_line": r.query.after_line, "line": r.query.line,
+             "distance": r.query.distance, "value": r.query.value, "position": r.position,
+             "correct": "" if r.correct is None else int(r.correct), "answer": r.answer} for r in results]
+
+
+def write_streameval_csv(results: Sequence[StreamEvalResult], path) -> Path:
+    return write_csv(streameval_rows(results), path, ["label", "cache_size", "after_line", "line", "distance", "value",
+                                                      "position", "correct", "answer"])
+
+
+def _bucket(position: int, size: int) -> int:
+    return (position // size) * size
+
+
+def streameval_tables(results: Sequence[StreamEvalResult], bucket_tokens: int) -> str:
+    labels = list(dict.fromkeys(r.label for r in results))
+    by_len = _accuracy(results, lambda r: _bucket(r.position, bucket_tokens))
+    spans = sorted({_bucket(r.position, bucket_tokens) for r in results})
+    t1 = format_table(["accuracy, tokens read"] + [f"{s}-" for s in spans],
+                      [[lb] + [_fmt(by_len.get(lb, {}).get(s)) for s in spans] for lb in labels])
+    by_d = _accuracy(results, lambda r: r.query.distance)
+    ds = sorted({r.query.distance for r in results})
+    t2 = format_table(["accuracy, lines back"] + [str(d) for d in ds],
+                      [[lb] + [_fmt(by_d.get(lb, {}).get(d)) for d in ds] for lb in labels])
+    return t1 + "\n\n" + t2
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def plot_streameval(results: Sequence[StreamEvalResult], path, bucket_tokens: int, title: str = "") -> Path:
+    """Accuracy against the tokens read (left) and against the query distance (right)."""
+    plt = pyplot()
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    by_len = _accuracy(results, lambda r: _bucket(r.position, bucket_tokens))
+    by_d = _accuracy(results, lambda r: r.query.distance)
+    for label in dict.fromkeys(r.label for r in results):
+        if label in by_len:
+            xs = list(by_len[label])
+            a.plot([x + bucket_tokens / 2 for x in xs], list(by_len[label].values()), "o-", ms=3, label=label)
+            b.plot(list(by_d[label]), list(by_d[label].values()), "o-", ms=3, label=label)
+    a.set(xlabel="tokens of the stream read", ylabel="exact-match accuracy", ylim=(-0.03, 1.03))
+    b.set(xlabel="lines back the question asks about", ylabel="exact-match accuracy", ylim=(-0.03, 1.03))
+    a.legend(fontsize=7)
+    return save_figure(fig, path, title)
