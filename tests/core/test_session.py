@@ -4,20 +4,11 @@ the chat template's rendering of the transcript (default model; greedy)."""
 from __future__ import annotations
 
 import pytest
-import torch
 
-from streamingllm.models import ModelLoadError, load
 from streamingllm.session import Session, TextDecoder
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.fixture(scope="module")
-def smollm():
-    try:
-        return load()
-    except ModelLoadError as err:
-        pytest.skip(str(err))
 
 
 def _recording(model):

@@ -174,6 +174,12 @@ def test_passkey_oracle_retrieves_inside_the_window_and_never_past_it():
     for r in results:
         assert r.correct == r.in_window, r  # 100% inside the window, 0% past it
     assert {r.in_window for r in results if r.label != "dense"} == {True, False}
+    from streamingllm.evals.recall_report import window_depth
+
+    for label in {r.label for r in results} - {"dense"}:
+        mine = [r for r in results if r.label == label]
+        edge = window_depth(mine)  # where the plot draws the window's edge
+        assert all(r.in_window == (r.depth >= edge) for r in mine), (label, edge)
     p = passkey_prompt(encode, 2000, 0.5, "12345")
     assert len(p.context) + len(p.question) == 2000 and "12345" in decode(p.context[p.key_at :])
     with pytest.raises(ArgumentError, match="depths"):

@@ -13,15 +13,6 @@ pytest.importorskip("httpx")
 MODEL = "smollm2-135m"
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    from streamingllm.models import ModelLoadError, load
-
-    try:
-        return load()
-    except ModelLoadError as err:
-        pytest.skip(str(err))
-
 
 def _client(smollm, **settings):
     from fastapi.testclient import TestClient

@@ -84,7 +84,7 @@ def run(args) -> int:
                         raise ArgumentError("heads", f"must be a layer in 0..{len(attentions) - 1}", args.heads)
                     per_head = np.stack([h.numpy() for h in attentions[args.heads]])
                     written.append(plot_maps(per_head, tokens, args.out / "heads.png", None,
-                                             f"{name}: every head of layer {args.heads} (panels are heads)"))
+                                             f"{name}: every head of layer {args.heads}", panel="head"))
             bar.update(1)
     print(sink_table(stats))
     written += [write_sink_csv(stats, args.out / "sinks.csv"),

@@ -71,8 +71,8 @@ def answered(text: str, key: str) -> bool:
 class PasskeyResult:
     """One trial: ``label`` (method and cache), ``cache_size`` (tokens, None for dense), ``depth``,
     ``key_distance`` (tokens), ``in_window`` (the key was in the cache's view when asked),
-    ``correct``, ``answer`` (the generated text); ``correct`` is None when the reader could not
-    read this far (dense past its budget)."""
+    ``correct``, ``answer`` (the generated text), ``view``; ``correct`` is None when the reader
+    could not read this far (dense past its budget)."""
 
     label: str
     cache_size: int | None
@@ -81,6 +81,7 @@ class PasskeyResult:
     in_window: bool
     correct: bool | None
     answer: str
+    view: int | None = None  # recent tokens the method sees (W; L for window and recompute; None for dense)
 
 
 def in_view(setting: Setting, key_distance: int) -> bool:
@@ -129,7 +130,7 @@ def run_passkey(
                 except TokenBudgetExceeded:
                     text, correct = "", None
                 out.append(PasskeyResult(setting.label, setting.cache_size, depth, p.key_distance,
-                                         in_view(setting, p.key_distance), correct, text))
+                                         in_view(setting, p.key_distance), correct, text, setting.window_size))
                 if progress:
                     progress(1)
     return out

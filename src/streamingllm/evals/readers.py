@@ -49,8 +49,8 @@ class CachedReader:
         model: a causal LM.
         setting: the method and its cache sizes (tokens).
         chunk_size: tokens per forward when reading (>= 1).
-        max_tokens: ``dense`` only: the most tokens it may hold (None: no limit); past it,
-            :class:`TokenBudgetExceeded`.
+        max_tokens: ``dense`` only: the most tokens it may hold (None: no limit); past it, or
+            when the device's memory runs out, :class:`TokenBudgetExceeded`.
     """
 
     def __init__(self, model, setting: Setting, chunk_size: int = 256, max_tokens: int | None = None):
@@ -70,10 +70,14 @@ class CachedReader:
         if self.dense:
             if self.max_tokens is not None and self.tokens + len(ids) > self.max_tokens:
                 raise TokenBudgetExceeded(f"dense would hold {self.tokens + len(ids)} tokens > {self.max_tokens}")
-            for start in range(0, len(ids), self.chunk_size):
-                piece = ids[start : start + self.chunk_size]
-                self.logits = self.model(input_ids=piece[None], use_cache=True,
-                                         **cache_kwargs(self.model, self.cache)).logits[0, -1]
+            try:
+                for start in range(0, len(ids), self.chunk_size):
+                    piece = ids[start : start + self.chunk_size]
+                    self.logits = self.model(input_ids=piece[None], use_cache=True,
+                                             **cache_kwargs(self.model, self.cache)).logits[0, -1]
+            except torch.OutOfMemoryError as err:  # dense stops where its memory runs out
+                self.cache = None
+                raise TokenBudgetExceeded(f"dense ran out of memory at {self.tokens} tokens") from err
         else:
             for _, logits in iter_chunks(self.model, self.cache, ids[None], chunk_size=self.chunk_size):
                 self.logits = logits[0, -1]

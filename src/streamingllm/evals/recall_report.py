@@ -17,8 +17,9 @@ from .streameval import StreamEvalResult
 
 
 def plot_maps(maps: np.ndarray, tokens: Sequence[str], path, layers: Sequence[int] | None = None,
-              title: str = "") -> Path:
-    """The paper's Figure 2: one panel per layer of head-averaged attention (rows: queries)."""
+              title: str = "", panel: str = "layer") -> Path:
+    """The paper's Figure 2: one panel per layer of head-averaged attention (rows: queries, columns:
+    keys); ``panel`` names what the panels are (``"head"`` for one layer's heads)."""
     plt = pyplot()
     layers = list(range(len(maps))) if layers is None else list(layers)
     cols = min(4, len(layers))
@@ -30,7 +31,7 @@ def plot_maps(maps: np.ndarray, tokens: Sequence[str], path, layers: Sequence[in
     for ax, layer in zip(axes.flat, layers):
         m = np.where(np.tril(np.ones((n, n), dtype=bool)), maps[layer][:n, :n], np.nan)
         ax.imshow(m, cmap="viridis", vmin=0.0, vmax=float(np.nanmax(m)) or 1.0)
-        ax.set_title(f"layer {layer}", fontsize=8)
+        ax.set_title(f"{panel} {layer}", fontsize=8)
         ax.set_xticks(range(n))
         ax.set_xticklabels(tokens, rotation=90, fontsize=5)
         ax.set_yticks(range(n))
@@ -80,14 +81,14 @@ def plot_sinks(stats: Sequence[SinkStats], path, title: str = "") -> Path:
 
 
 def passkey_rows(results: Sequence[PasskeyResult]) -> list[dict]:
-    return [{"label": r.label, "cache_size": r.cache_size, "depth": r.depth, "key_distance": r.key_distance,
-             "in_window": r.in_window, "correct": "" if r.correct is None else int(r.correct), "answer": r.answer}
-            for r in results]
+    return [{"label": r.label, "cache_size": r.cache_size, "view": r.view, "depth": r.depth,
+             "key_distance": r.key_distance, "in_window": r.in_window,
+             "correct": "" if r.correct is None else int(r.correct), "answer": r.answer} for r in results]
 
 
 def write_passkey_csv(results: Sequence[PasskeyResult], path) -> Path:
-    return write_csv(passkey_rows(results), path, ["label", "cache_size", "depth", "key_distance", "in_window",
-                                                   "correct", "answer"])
+    return write_csv(passkey_rows(results), path, ["label", "cache_size", "view", "depth", "key_distance",
+                                                   "in_window", "correct", "answer"])
 
 
 def _accuracy(results, key) -> dict:
@@ -107,21 +108,36 @@ def passkey_table(results: Sequence[PasskeyResult]) -> str:
     return format_table(["accuracy at depth"] + [f"{d:g}" for d in depths], rows)
 
 
+def window_depth(results: Sequence[PasskeyResult]) -> float | None:
+    """The depth from which the key is inside the view of the method of ``results`` (one label):
+    key_distance falls linearly with depth, so two trials at different depths place it."""
+    points = sorted({(r.depth, r.key_distance) for r in results})
+    if results[0].view is None or len(points) < 2 or points[0][0] == points[-1][0]:
+        return None
+    (d1, k1), (d2, k2) = points[0], points[-1]
+    return d1 + (results[0].view - k1) * (d2 - d1) / (k2 - k1)
+
+
+STYLES = {"dense": ("-", "o"), "window": ("--", "s"), "recompute": (":", "^"), "streaming": ("-", "D")}
+
+
 def plot_passkey(results: Sequence[PasskeyResult], path, title: str = "") -> Path:
-    """Accuracy against the key's depth, per method and cache; a dashed line marks where the key
-    enters each cache's window (deeper = closer to the question = retrievable)."""
+    """Accuracy against the key's depth, per method and cache; a dashed line marks, per cache,
+    the depth from which the key is inside the window when the question comes."""
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(7.5, 4.2))
     acc = _accuracy(results, lambda r: r.depth)
     for label, by in acc.items():
-        line = ax.plot(list(by), list(by.values()), "o-", label=label)[0]
-        inside = [r.depth for r in results if r.label == label and r.in_window and r.cache_size is not None]
-        if inside and len(inside) < len([r for r in results if r.label == label]):
-            ax.axvline(min(inside), ls="--", color=line.get_color(), lw=1)
+        mine = [r for r in results if r.label == label]
+        ls, marker = STYLES.get(label.split()[0], ("-", "o"))
+        line = ax.plot(list(by), list(by.values()), ls=ls, marker=marker, ms=5, label=label, alpha=0.85)[0]
+        edge = window_depth(mine)
+        if edge is not None and 0 <= edge <= 1:
+            ax.axvline(edge, ls="--", color=line.get_color(), lw=0.8)
     ax.set(xlabel="depth of the passkey (0 = start of the stream, 1 = just before the question)",
            ylabel="accuracy", ylim=(-0.03, 1.03))
     ax.legend(fontsize=7)
-    return save_figure(fig, path, title + "\n(dashed: the key is inside the cache's window from here on)")
+    return save_figure(fig, path, title + "\n(dashed: from here on the key is inside that cache's window)")
 
 
 # --- StreamEval --------------------------------------------------------------------------------
@@ -168,8 +184,10 @@ def plot_streameval(results: Sequence[StreamEvalResult], path, bucket_tokens: in
     for label in dict.fromkeys(r.label for r in results):
         if label in by_len:
             xs = list(by_len[label])
-            a.plot([x + bucket_tokens / 2 for x in xs], list(by_len[label].values()), "o-", ms=3, label=label)
-            b.plot(list(by_d[label]), list(by_d[label].values()), "o-", ms=3, label=label)
+            ls, marker = STYLES.get(label.split()[0], ("-", "o"))
+            style = dict(ls=ls, marker=marker, ms=5, alpha=0.85, label=label)
+            a.plot([x + bucket_tokens / 2 for x in xs], list(by_len[label].values()), **style)
+            b.plot(list(by_d[label]), list(by_d[label].values()), **style)
     a.set(xlabel="tokens of the stream read", ylabel="exact-match accuracy", ylim=(-0.03, 1.03))
     b.set(xlabel="lines back the question asks about", ylabel="exact-match accuracy", ylim=(-0.03, 1.03))
     a.legend(fontsize=7)
