@@ -40,6 +40,7 @@ class Conversation:
         self.sid = httpx.post(f"{url}/v1/sessions", json={"pin_system": pin}, timeout=30).json()["id"]
         self.messages = [{"role": "system", "content": SYSTEM}]
         self.seen = 0
+        self.session: dict = {}  # the server's numbers after the last turn
 
     def say(self, text: str, max_tokens: int) -> str:
         self.messages.append({"role": "user", "content": text})
@@ -47,6 +48,7 @@ class Conversation:
                                                 extra_body={"session_id": self.sid})
         reply = r.choices[0].message.content
         self.messages.append({"role": "assistant", "content": reply})
+        self.session = r.session
         self.seen = r.session["seen_tokens"]
         return reply
 
@@ -93,6 +95,10 @@ def main(argv=None) -> None:
     write_csv(rows, args.out / "answers.csv", ["tokens", "pinned", "not pinned"])
     print(format_table(["tokens seen", f"pinned: {QUESTION}", "not pinned"],
                        [[str(r["tokens"]), r["pinned"], r["not pinned"]] for r in rows]))
+    for name, c in sides.items():
+        s = c.session
+        print(f"{name}: {s['pinned_tokens']} pinned system-prompt tokens, cache {s['cached_tokens']}/"
+              f"{s['max_cached_tokens']} tokens, {s['seen_tokens']} seen", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -95,6 +95,31 @@ def _common_prefix(a: str, b: str) -> int:
     return len(os.path.commonprefix([a, b]))
 
 
+def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
+    """The chat template's text for ``messages`` (with the assistant prefix when ``generation_prompt``)."""
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def template_delta(tokenizer, last: list[dict], new: list[dict], whole: bool = False) -> str:
+    """The template text ``new`` messages add after a stream that holds ``last`` (the previous
+    turn, enough context for templates that treat the first message specially), ending with the
+    assistant prefix; the whole rendering of ``last + new`` when ``whole``."""
+    full = render(tokenizer, last + new, True)
+    if whole:
+        return full
+    return full[_common_prefix(full, render(tokenizer, last, False)) :]
+
+
+def turn_end(tokenizer, turn: list[dict], reply: str) -> str:
+    """The template text that closes an assistant ``reply`` to ``turn`` (the messages it answers),
+    after the reply's own text: e.g. ``<|im_end|>\n``."""
+    closed = render(tokenizer, turn + [{"role": "assistant", "content": reply}], False)
+    found = next((t for t in (reply, reply.strip()) if t and t in closed), None)
+    if found:
+        return closed[closed.rfind(found) + len(found) :]
+    return closed[_common_prefix(closed, render(tokenizer, turn, True)) :]
+
+
 class Session:
     """One conversation with a chat model on a bounded cache.
 
@@ -146,8 +171,8 @@ class Session:
         and the turn headers): the token prefix that two different first messages share."""
         a, b = ({"role": "user", "content": c} for c in ("a", "b"))
         system = {"role": "system", "content": self.system}
-        ids_a = self._encode(self._render([system, a], True)).tolist()
-        ids_b = self._encode(self._render([system, b], True)).tolist()
+        ids_a = self._encode(render(self.tokenizer, [system, a], True)).tolist()
+        ids_b = self._encode(render(self.tokenizer, [system, b], True)).tolist()
         return len(os.path.commonprefix([ids_a, ids_b]))
 
     def reset(self) -> None:
@@ -177,9 +202,6 @@ class Session:
         self.cache.load_state_dict(state["cache"])
         self.messages, self._last, self.system = state["messages"], state["last"], state["system"]
 
-    def _render(self, messages: list[dict], generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-
     def _encode(self, text: str):
         return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
 
@@ -190,12 +212,8 @@ class Session:
     def _delta(self, new: list[dict], last: list[dict] | None = None, empty: bool | None = None) -> str:
         """The template text ``new`` messages add after ``last`` (default: what the cache holds),
         ending with the assistant prefix; the whole rendering when the cache is ``empty``."""
-        last = self._last if last is None else last
-        full = self._render(last + new, True)
-        if (not self.cache.seen_tokens) if empty is None else empty:
-            return full
-        before = self._render(last, False)
-        return full[_common_prefix(full, before) :]
+        whole = (not self.cache.seen_tokens) if empty is None else empty
+        return template_delta(self.tokenizer, self._last if last is None else last, new, whole)
 
     def prepare(self, messages: list[dict]) -> Turn:
         """Match a whole conversation (as an OpenAI-style client sends it, ending with a user
@@ -248,12 +266,7 @@ class Session:
             raise RuntimeError("Session.finish: no turn is open (call prepare first)")
         text = self.tokenizer.decode(reply_ids, skip_special_tokens=True)
         assistant = {"role": "assistant", "content": text}
-        closed = self._render(pending + [assistant], False)
-        found = next((t for t in (text, text.strip()) if t and t in closed), None)
-        if found:
-            tail = closed[closed.rfind(found) + len(found) :]
-        else:
-            tail = closed[_common_prefix(closed, self._render(pending, True)) :]
+        tail = turn_end(self.tokenizer, pending, text)
         if reply_ids and not all_fed:
             tail = self.tokenizer.decode(reply_ids[-1:]) + tail
         ids = self._encode(tail)

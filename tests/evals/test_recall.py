@@ -207,3 +207,29 @@ def test_answers_are_read_as_the_value_they_give():
     assert answer_value("51494>") == 51494  # plain mode: the question ends with "<"
     assert answer_value("The line 5 is <63468>") == 63468  # chat mode: the value, not the line number
     assert answer_value("It is 777.") == 777 and answer_value("I don't know.") is None
+
+
+class TinyTemplate:
+    """A chat template: ``<s>`` once, ``[u]...[/u]`` user turns, ``[a]...[/a]`` assistant turns."""
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        tags = {"user": "u", "assistant": "a", "system": "s"}
+        text = "<s>" + "".join(f"[{tags[m['role']]}]{m['content']}[/{tags[m['role']]}]" for m in messages)
+        return text + ("[a]" if add_generation_prompt else "")
+
+
+def test_streameval_chat_mode_feeds_each_turn_once_as_the_template_writes_it():
+    values, queries = make_stream(40, 10, [10], seed=4)
+    fed = []
+
+    class Recording(Oracle):
+        def feed(self, ids):
+            fed.extend(ids)
+            super().feed(ids)
+
+    results = run_streameval(lambda s: Recording(s), SETTINGS[:1], encode, decode, values, queries,
+                             tokenizer=TinyTemplate())
+    assert all(r.correct for r in results)
+    text = decode(fed)
+    assert text.startswith("<s>[u]line 0: REGISTER_CONTENT is <") and text.count("<s>") == 1
+    assert text.count("[u]") == text.count("[/u]") == len(queries) and text.count("[/a]") == len(queries)

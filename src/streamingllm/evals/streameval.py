@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..checks import ArgumentError, check_int, check_int_list
+from ..session import template_delta, turn_end
 from .perplexity import Setting
 from .readers import Reader, TokenBudgetExceeded
 
@@ -95,35 +96,19 @@ class StreamEvalResult:
 
 
 class _ChatTurns:
-    """Token ids of the chat template's turns, one block at a time (what each turn adds)."""
+    """Token text of the chat template's turns, one block at a time (what each turn adds to the stream)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.last: list[dict] = []
 
-    def _render(self, messages, prompt):
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=prompt)
-
     def user(self, text: str) -> str:
-        msg = [{"role": "user", "content": text}]
-        full = self._render(self.last + msg, True)
-        if not self.last:
-            return full
-        before = self._render(self.last, False)
-        return full[len(_common(full, before)) :]
+        return template_delta(self.tokenizer, self.last, [{"role": "user", "content": text}], whole=not self.last)
 
     def close(self, user_text: str, answer: str) -> str:
-        turn = [{"role": "user", "content": user_text}, {"role": "assistant", "content": answer}]
-        closed = self._render(turn, False)
-        self.last = turn
-        return closed[closed.rfind(answer) + len(answer) :] if answer and answer in closed else ""
-
-
-def _common(a: str, b: str) -> str:
-    n = 0
-    while n < min(len(a), len(b)) and a[n] == b[n]:
-        n += 1
-    return a[:n]
+        turn = [{"role": "user", "content": user_text}]
+        self.last = turn + [{"role": "assistant", "content": answer}]
+        return turn_end(self.tokenizer, turn, answer)
 
 
 def run_streameval(
