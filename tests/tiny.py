@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import transformers as tf
 
+from streamingllm.sink_llama import SinkLlamaConfig
+
 VOCAB = 97
 
 _CONFIGS = {
@@ -15,13 +17,16 @@ _CONFIGS = {
     "gemma": lambda: tf.GemmaConfig(num_key_value_heads=1, head_dim=8),
     "phi3": lambda: tf.Phi3Config(num_key_value_heads=2, sliding_window=None, pad_token_id=0),
     "gpt_neox": lambda: tf.GPTNeoXConfig(rope_parameters={"rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    "sink_llama-zero": lambda: SinkLlamaConfig(attention_sink="zero", num_key_value_heads=2),
+    "sink_llama-learned": lambda: SinkLlamaConfig(attention_sink="learned", num_key_value_heads=2),
     "falcon": lambda: tf.FalconConfig(alibi=False, new_decoder_architecture=True, num_kv_heads=2),
     "falcon-alibi": lambda: tf.FalconConfig(alibi=True),
     "mpt": lambda: tf.MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=4096, expansion_ratio=2),
     "bloom": lambda: tf.BloomConfig(n_head=4, n_layer=2),
 }
 
-ROPE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "falcon"]
+ROPE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "falcon", "sink_llama-zero",
+                 "sink_llama-learned"]
 ALIBI_FAMILIES = ["falcon-alibi", "mpt", "bloom"]
 FAMILIES = ROPE_FAMILIES + ALIBI_FAMILIES
 
@@ -49,4 +54,6 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
         for name, p in model.named_parameters():
             if p.dim() == 2 and "embed" not in name and "wte" not in name:
                 p.mul_(4.0)
+            if name.endswith("sinks"):  # learned softmax sinks: far from their zero initialisation
+                p.normal_(0.0, 2.0)
     return model

@@ -9,6 +9,7 @@ needs torch and transformers only; evaluations (:mod:`streamingllm.evals`), benc
 
 from importlib import metadata as _metadata
 
+from . import sink_llama  # registers the sink_llama architecture with transformers' Auto classes
 from .cache import SinkCache
 from .families import UnsupportedModelError, supported_families
 from .timeline import ApproximateChunkError

@@ -21,6 +21,11 @@ import sys
 import torch
 
 SINK_ATTENTION = {"sdpa": "streamingllm_sdpa", "eager": "streamingllm_eager"}
+#: Implementations that honour bands themselves, beyond :data:`SINK_ATTENTION`'s variants
+#: (the softmax-sink attention of :mod:`streamingllm.sink_llama` adds its own on import).
+BAND_AWARE: set[str] = set(SINK_ATTENTION.values())
+#: Implementations that return attention probabilities (what :mod:`streamingllm.evals.attention` reads).
+RETURNS_PROBABILITIES: set[str] = {"eager", SINK_ATTENTION["eager"]}
 _BAND = "_streamingllm_band"
 _registered = False
 
@@ -37,7 +42,8 @@ def band_of(keys: torch.Tensor) -> torch.Tensor | None:
     return getattr(keys, _BAND, None)
 
 
-def _band_of(key: torch.Tensor, attention_mask):
+def mask_for(key: torch.Tensor, attention_mask):
+    """The mask a band-aware attention must use: the band attached to ``key``, else the model's."""
     band = band_of(key)
     return attention_mask if band is None else band
 
@@ -45,7 +51,7 @@ def _band_of(key: torch.Tensor, attention_mask):
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    return sdpa_attention_forward(module, query, key, value, _band_of(key, attention_mask), **kwargs)
+    return sdpa_attention_forward(module, query, key, value, mask_for(key, attention_mask), **kwargs)
 
 
 def _eager(module, query, key, value, attention_mask, **kwargs):
@@ -53,7 +59,7 @@ def _eager(module, query, key, value, attention_mask, **kwargs):
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise NotImplementedError(f"{type(module).__name__} has no eager_attention_forward; use sdpa")
-    return eager(module, query, key, value, _band_of(key, attention_mask), **kwargs)
+    return eager(module, query, key, value, mask_for(key, attention_mask), **kwargs)
 
 
 def register() -> None:
@@ -78,7 +84,7 @@ def attention_implementation(config) -> str | None:
 
 def is_sink_attention(config) -> bool:
     """True when the model attends through a sink-aware implementation (bands are honoured)."""
-    return attention_implementation(config) in SINK_ATTENTION.values()
+    return attention_implementation(config) in BAND_AWARE
 
 
 def use_sink_attention(model) -> bool:
@@ -88,7 +94,7 @@ def use_sink_attention(model) -> bool:
     variant (the cache then refuses overflowing chunks instead of computing them wrongly).
     """
     impl = attention_implementation(model.config)
-    if impl in SINK_ATTENTION.values():
+    if impl in BAND_AWARE:
         return True
     if impl not in SINK_ATTENTION:
         return False

@@ -33,7 +33,7 @@ import warnings
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from .attention import SINK_ATTENTION, attach_band, attention_implementation, is_sink_attention, use_sink_attention
+from .attention import BAND_AWARE, SINK_ATTENTION, attach_band, attention_implementation, is_sink_attention, use_sink_attention
 from .checks import ArgumentError, check_int
 from .compat import check_transformers, text_config
 from .families import (Family, UnsupportedModelError, alibi_limit, check_rope_scaling, family_of, past_trained_length,
@@ -685,10 +685,10 @@ class SinkCache(Cache):
     @property
     def exact_chunks(self) -> bool:
         """True when a chunk can be given its exact band (:meth:`exact_chunk_mask`): RoPE families
-        whose attention takes additive float masks (sdpa, eager and their sink-aware variants).
+        whose attention takes additive float masks (sdpa, eager and the band-aware implementations).
         Otherwise exact feeding goes one token at a time."""
         impl = attention_implementation(self.config)
-        return self.family.positions == "rope" and impl in (*SINK_ATTENTION, *SINK_ATTENTION.values())
+        return self.family.positions == "rope" and (impl in SINK_ATTENTION or impl in BAND_AWARE)
 
     def state_dict(self) -> dict:
         """Everything needed to continue this stream exactly elsewhere (``torch.save`` it): the

@@ -60,6 +60,7 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("Qwen2", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
     "qwen3": Family("Qwen3", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
     "gemma": Family("Gemma", **_ROPE_VISIBLE),
+    "sink_llama": Family("Llama with a softmax sink (streamingllm.sink_llama)", **_ROPE_VISIBLE),
     "phi3": Family("Phi-3", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
     "gpt_neox": Family("GPT-NeoX/Pythia", positions="rope", positions_visible=False),
     "falcon": Family("Falcon (RoPE)", positions="rope", positions_visible=False, attention_interface=False),

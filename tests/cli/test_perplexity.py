@@ -50,7 +50,8 @@ AUSTEN = ["perplexity", "--corpus", "austen"]
         (AUSTEN + ["--smooth", "0"], "--smooth must be an integer >= 1, got 0"),
         (AUSTEN + ["--sink-text", ""], "--sink-text must be the text whose tokens become the sinks"),
         (["perplexity"], "give exactly one text source"),
-        (AUSTEN + ["book.txt"], "give exactly one text source: text files ('-' = stdin), a corpus (--corpus austen) "
+        (AUSTEN + ["book.txt"], "give exactly one text source: text files ('-' = stdin), a corpus (--corpus austen, or "
+                                "austen:NOVEL for one novel) "
                                 "or a Hugging Face dataset (--dataset NAME); got files and corpus"),
     ],
 )

@@ -13,7 +13,7 @@ from tiny import FAMILIES, VOCAB, tiny_model
 
 TOL = 1e-4
 S, W = 4, 28
-INTERFACE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox"]  # attention interface
+INTERFACE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "sink_llama-learned"]  # attention interface
 OWN_ATTENTION = ["falcon", "mpt", "bloom"]  # attention code of their own: no band inside model.generate
 
 

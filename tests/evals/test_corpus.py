@@ -161,7 +161,8 @@ def test_exactly_one_text_source(kwargs, got):
 
 
 def test_unknown_corpus_names_the_parameter():
-    with pytest.raises(ArgumentError, match="corpus must be one of austen, got 'bronte'") as info:
+    with pytest.raises(ArgumentError, match="corpus must be one of austen, austen:sensesensibility, .*, "
+                       "austen:persuasion, got 'bronte'") as info:
         TextSource(corpus="bronte")
     assert info.value.as_flag().startswith("--corpus ")
 
@@ -171,6 +172,7 @@ def test_source_names_show_file_names_only(tmp_path):
     many = TextSource(files=[f"/data/{i}.txt" for i in range(5)])
     assert many.name == "0.txt, 1.txt and 3 more files"
     assert TextSource(corpus="austen").name == "Austen's novels"
+    assert TextSource(corpus="austen:persuasion").name == "Austen's persuasion"
     assert TextSource(dataset="emozilla/pg19").name == "emozilla/pg19"
 
 
@@ -185,6 +187,7 @@ def test_read_corpus_uses_the_cache(fake_cache, monkeypatch):
     monkeypatch.setenv("STREAMINGLLM_CACHE", str(cache_dir))
     monkeypatch.setattr(corpus, "_download_deb", _no_download)
     assert TextSource(corpus="austen").read() == "\n\n".join(texts[n] for n in AUSTEN_NOVELS)
+    assert TextSource(corpus="austen:emma").read() == texts["emma"]  # one novel, the one pretrain may hold out
 
 
 class Words:

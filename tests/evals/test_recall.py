@@ -117,7 +117,11 @@ def test_capture_works_for_every_family_and_restores_the_attention(family):
     before = model.config._attn_implementation
     attentions = capture(model, torch.randint(1, VOCAB, (20,)))
     assert len(attentions) == 2 and attentions[0].shape[-2:] == (20, 20)
-    assert torch.allclose(attentions[0].sum(-1), torch.ones(attentions[0].shape[:2]), atol=1e-4)
+    sums = attentions[0].sum(-1)
+    if family.startswith("sink_llama"):  # the softmax's own sink takes the rest of each row
+        assert torch.all((sums > 0) & (sums < 1 - 1e-3))
+    else:
+        assert torch.allclose(sums, torch.ones(attentions[0].shape[:2]), atol=1e-4)
     assert torch.all(attentions[0].triu(1) == 0)
     assert model.config._attn_implementation == before
 

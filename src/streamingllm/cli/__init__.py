@@ -32,16 +32,17 @@ commands:
   attention    attention maps and attention-sink statistics per layer (the paper's Figure 2)
   streameval   question answering over an endless stream (the paper's StreamEval)
   passkey      passkey retrieval against depth and cache size
+  pretrain     train small models with and without attention sinks from scratch (Table 3)
   bench        speed and memory: latency vs cache size, endless streams"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import attention, bench, chat, generate, passkey, perplexity, serve, streameval
+    from . import attention, bench, chat, generate, passkey, perplexity, pretrain, serve, streameval
 
     parser = argparse.ArgumentParser(prog="streamingllm", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"streamingllm {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for module in (generate, chat, serve, perplexity, attention, streameval, passkey, bench):
+    for module in (generate, chat, serve, perplexity, attention, streameval, passkey, pretrain, bench):
         module.register(sub)
     return parser
 

@@ -40,7 +40,9 @@ def register(sub) -> None:
                    "long text", DESCRIPTION)
     src = p.add_argument_group("text (exactly one source)")
     src.add_argument("files", nargs="*", help="text files, concatenated in order ('-' = stdin)")
-    src.add_argument("--corpus", choices=CORPORA, help="built-in corpus: Jane Austen's six novels (fetched once from Debian)")
+    src.add_argument("--corpus", choices=CORPORA, metavar="CORPUS",
+                     help="built-in corpus: austen (Jane Austen's six novels, fetched once from Debian) or "
+                     "austen:NOVEL for one of them (e.g. austen:persuasion)")
     src.add_argument("--dataset", metavar="NAME", help="Hugging Face dataset id, e.g. emozilla/pg19 (needs `datasets` and the hub)")
     src.add_argument("--dataset-split", default="test", help="split of --dataset")
     src.add_argument("--dataset-field", default="text", help="text column of --dataset")

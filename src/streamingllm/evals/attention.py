@@ -20,25 +20,28 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..attention import RETURNS_PROBABILITIES
 from ..checks import check_int
 
 
 @torch.no_grad()
 def capture(model, input_ids) -> list[torch.Tensor]:
     """Every layer's attention probabilities over ``input_ids`` (T,) or (1, T): a list of
-    (heads, T, T) float32 tensors, rows summing to 1, causal. The model attends eagerly for
-    the capture (the only implementation that returns probabilities) and gets its own
-    implementation back afterwards."""
+    (heads, T, T) float32 tensors, causal, rows summing to 1 (to less with a softmax sink, which
+    takes the rest). The model attends eagerly for the capture (the only implementation that
+    returns probabilities) and gets its own implementation back afterwards; an implementation that
+    returns probabilities itself (:data:`~streamingllm.attention.RETURNS_PROBABILITIES`) is kept."""
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1).to(model.device)
     if ids.shape[1] < 2:
         raise ValueError(f"the text has {ids.shape[1]} token(s); attention maps need at least 2")
     previous = getattr(model.config, "_attn_implementation", None)
-    if previous != "eager":
+    switch = previous not in RETURNS_PROBABILITIES  # a softmax-sink model keeps its own attention
+    if switch:
         _set_attention(model, "eager")
     try:
         out = model(input_ids=ids, output_attentions=True, use_cache=False)
     finally:
-        if previous not in (None, "eager"):
+        if switch and previous is not None:
             _set_attention(model, previous)
     if not out.attentions or out.attentions[0] is None:
         raise ValueError(f"{type(model).__name__} returned no attention probabilities")
@@ -80,6 +83,9 @@ class SinkStats:
         uniform_first: what uniform causal attention gives the first token over the same queries
             (mean of 1 / (q + 1)): the baseline a sink stands out from.
         tokens: the text's length (tokens).
+        softmax_sink_share: (layers,) mean mass the softmax's own sink took (what the rows miss of
+            1), over heads and queries >= 1: zero for a plain softmax, the "attend to nothing" share
+            of SoftMax1 and learned sink logits (:mod:`streamingllm.sink_llama`).
     """
 
     label: str
@@ -88,6 +94,7 @@ class SinkStats:
     first_share: np.ndarray
     uniform_first: float
     tokens: int
+    softmax_sink_share: np.ndarray | None = None
 
 
 def sink_statistics(attentions: list[torch.Tensor], k: int = 4, label: str = "") -> SinkStats:
@@ -97,4 +104,5 @@ def sink_statistics(attentions: list[torch.Tensor], k: int = 4, label: str = "")
     sink = np.array([float(a[:, k:, :k].sum(-1).mean()) for a in attentions])
     first = np.array([float(a[:, 1:, 0].mean()) for a in attentions])
     uniform = float(np.mean(1.0 / np.arange(2, T + 1)))
-    return SinkStats(label, k, sink, first, uniform, T)
+    virtual = np.array([float(1.0 - a[:, 1:, :].sum(-1).mean()) for a in attentions]).clip(min=0.0)
+    return SinkStats(label, k, sink, first, uniform, T, virtual)

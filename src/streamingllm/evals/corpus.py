@@ -50,8 +50,9 @@ AUSTEN_NOVELS: tuple[str, ...] = (
 )
 
 
-#: Built-in corpora, by the name :class:`TextSource` takes.
-CORPORA: tuple[str, ...] = ("austen",)
+#: Built-in corpora, by the name :class:`TextSource` takes: all six novels, or one
+#: (``austen:persuasion``, say: the novel ``streamingllm pretrain`` holds out by default).
+CORPORA: tuple[str, ...] = ("austen", *(f"austen:{n}" for n in AUSTEN_NOVELS))
 
 
 class CorpusError(ValueError):
@@ -296,7 +297,7 @@ class TextSource:
         if len(given) != 1:
             raise CorpusError(
                 "give exactly one text source: text files ('-' = stdin), a corpus "
-                f"(--corpus {'/'.join(CORPORA)}) or a Hugging Face dataset (--dataset NAME); "
+                f"(--corpus austen, or austen:NOVEL for one novel) or a Hugging Face dataset (--dataset NAME); "
                 f"got {' and '.join(given) or 'none'}"
             )
 
@@ -304,7 +305,8 @@ class TextSource:
     def name(self) -> str:
         """A short name for titles: the files' names (not their folders), the corpus or the dataset."""
         if self.corpus:
-            return {"austen": "Austen's novels"}.get(self.corpus, self.corpus)
+            novel = self.corpus.partition(":")[2]
+            return f"Austen's {novel}" if novel else "Austen's novels"
         if self.dataset:
             return self.dataset
         names = ["stdin" if f == "-" else Path(f).name for f in self.files]
@@ -315,7 +317,8 @@ class TextSource:
         if self.files:
             text = read_texts(self.files, stdin)
         elif self.corpus:
-            text = austen_text()
+            novel = self.corpus.partition(":")[2]
+            text = austen_text(novels=[novel] if novel else None)
         else:
             need = None if max_tokens is None else max_tokens * CHARS_PER_TOKEN
             text = hub_dataset_text(self.dataset, self.dataset_split, self.dataset_field, max_chars=need)

@@ -42,19 +42,37 @@ def plot_maps(maps: np.ndarray, tokens: Sequence[str], path, layers: Sequence[in
 def sink_rows(stats: Sequence[SinkStats]) -> list[dict]:
     return [{"model": s.label, "layer": layer, "k": s.k, "sink_share": float(s.sink_share[layer]),
              "first_token_share": float(s.first_share[layer]), "uniform_first_token_share": s.uniform_first,
-             "tokens": s.tokens} for s in stats for layer in range(len(s.sink_share))]
+             "softmax_sink_share": _virtual(s)[layer], "tokens": s.tokens}
+            for s in stats for layer in range(len(s.sink_share))]
+
+
+def _virtual(s: SinkStats) -> np.ndarray:
+    return np.zeros(len(s.sink_share)) if s.softmax_sink_share is None else s.softmax_sink_share
+
+
+def _has_softmax_sink(s: SinkStats) -> bool:
+    return bool((_virtual(s) > 1e-3).any())
 
 
 def write_sink_csv(stats: Sequence[SinkStats], path) -> Path:
     return write_csv(sink_rows(stats), path, ["model", "layer", "k", "sink_share", "first_token_share",
-                                               "uniform_first_token_share", "tokens"])
+                                               "uniform_first_token_share", "softmax_sink_share", "tokens"])
 
 
 def sink_table(stats: Sequence[SinkStats]) -> str:
-    header = ["layer"] + [f"{s.label}: first {s.k} / first 1" for s in stats]
+    """Per layer and model: the share on the first k tokens / on the first token, and, for models
+    whose softmax has a sink of its own, the share it took (a third number)."""
+    header = ["layer"] + [f"{s.label}: first {s.k} / first 1" + (" / softmax sink" if _has_softmax_sink(s) else "")
+                          for s in stats]
     layers = max(len(s.sink_share) for s in stats)
-    rows = [[str(layer)] + [f"{s.sink_share[layer]:.3f} / {s.first_share[layer]:.3f}" if layer < len(s.sink_share)
-                            else "" for s in stats] for layer in range(layers)]
+
+    def cell(s, layer):
+        if layer >= len(s.sink_share):
+            return ""
+        extra = f" / {_virtual(s)[layer]:.3f}" if _has_softmax_sink(s) else ""
+        return f"{s.sink_share[layer]:.3f} / {s.first_share[layer]:.3f}{extra}"
+
+    rows = [[str(layer)] + [cell(s, layer) for s in stats] for layer in range(layers)]
     rows.append(["uniform"] + [f"- / {s.uniform_first:.3f}" for s in stats])
     return format_table(header, rows)
 
@@ -69,6 +87,8 @@ def plot_sinks(stats: Sequence[SinkStats], path, title: str = "") -> Path:
         a.plot(x, s.sink_share, "o-", ms=3, label=s.label)
         line = b.plot(x, s.first_share, "o-", ms=3, label=s.label)[0]
         b.axhline(s.uniform_first, ls=":", color=line.get_color(), lw=1)
+        if _has_softmax_sink(s):
+            a.plot(x, _virtual(s), "x--", ms=4, color=line.get_color(), lw=1, label=f"{s.label}: softmax sink")
     a.set(xlabel="layer", ylabel=f"attention on the first {stats[0].k} tokens", ylim=(0, 1.02),
           title="sink share (mean over heads and queries)")
     b.set(xlabel="layer", ylabel="attention on the first token", ylim=(0, 1.02),
