@@ -149,7 +149,7 @@ def test_the_sink_token_model_streams_with_one_sink_exactly(run):
 def test_the_command_trains_evaluates_and_reports(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("streamingllm.train.run.austen_split", lambda held_out: TEXTS)
     out = tmp_path / "run"
-    argv = ["pretrain", "--preset", "tiny", "--out", str(out), "--quiet", "--eval-tokens", "120",
+    argv = ["pretrain", "--preset", "tiny", "--out", str(out), "--quiet", "--eval-tokens", "200",
             "--variants", "vanilla", "sink-token"]
     assert main(argv) == 0
     table = capsys.readouterr().out

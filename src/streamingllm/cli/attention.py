@@ -25,7 +25,8 @@ def register(sub) -> None:
     p.add_argument("text", nargs="?", default=None, help="the text (default: a few proverbs); '-' reads stdin")
     p.add_argument("--text-file", type=Path, help="read the text from this file")
     p.add_argument("--model", default=DEFAULT_MODEL, help="the model (as for generate)")
-    p.add_argument("--compare", nargs="+", default=[], metavar="MODEL", help="more models or checkpoints to compare")
+    p.add_argument("--compare", nargs="+", default=[], metavar="MODEL",
+                   help="more models or checkpoints to compare (each reads the text with its own tokenizer)")
     p.add_argument("--random-weights", action="store_true",
                    help="also a random-weight twin of --model (no sinks expected): a baseline")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
@@ -48,6 +49,7 @@ def run(args) -> int:
     from ..models import load
     from ..report import progress_bar, pyplot
     from .generate import read_prompt
+    from .options import model_label
 
     check_int("num_tokens", args.num_tokens, 2)
     check_int("map_tokens", args.map_tokens, 2)
@@ -59,15 +61,19 @@ def run(args) -> int:
     ids = tokenizer(text, add_special_tokens=True).input_ids[: args.num_tokens]
     if len(ids) <= args.k:
         raise ArgumentError("k", f"must be smaller than the text's {len(ids)} tokens", args.k)
-    runs = [(args.model, model)]
+    label = model_label(args.model)
+    runs = [(label, model, ids)]
     if args.random_weights:
-        runs.append((f"{args.model} (random weights)", load(args.model, args.dtype, args.device, random_weights=True)[0]))
+        runs.append((f"{label} (random weights)", load(args.model, args.dtype, args.device, random_weights=True)[0], ids))
     for name in args.compare:
-        runs.append((name, load(name, args.dtype, args.device)[0]))
+        other, other_tokenizer = load(name, args.dtype, args.device)
+        # each model reads the text as its own tokenizer writes it (a sink-token checkpoint's <sink> first)
+        other_ids = ids if other_tokenizer is None else other_tokenizer(text).input_ids[: args.num_tokens]
+        runs.append((model_label(name), other, other_ids))
     stats, written = [], []
     with progress_bar(len(runs), "attention", unit="model") as bar:
-        for i, (name, m) in enumerate(runs):
-            attentions = capture(m, ids)
+        for i, (name, m, run_ids) in enumerate(runs):
+            attentions = capture(m, run_ids)
             stats.append(sink_statistics(attentions, args.k, name))
             if i == 0:
                 maps = head_mean(attentions)

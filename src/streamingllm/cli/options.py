@@ -44,6 +44,15 @@ def load_model(args):
                 random_weights=getattr(args, "random_weights", False), seed=getattr(args, "seed", 0) or 0)
 
 
+def model_label(model: str) -> str:
+    """A model's name for tables and titles: a local file's or folder's name, else the name as given
+    (the default model's, a hub id)."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    return path.name if path.exists() else model
+
+
 def add_cache_options(p: argparse.ArgumentParser) -> None:
     """``--sink-size`` and ``--window-size`` of one streaming cache."""
     p.add_argument("--sink-size", type=int, default=4, help="attention-sink tokens kept (0 = plain window attention)")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from ..report import progress_bar, pyplot
-from .options import add_model_options, add_parser, load_model
+from .options import add_model_options, add_parser, load_model, model_label
 from ..families import trained_length
 from ..evals.corpus import CORPORA, TextSource, check_window, tokenize_window
 from ..evals.perplexity import (AUTO_RECOMPUTE_TOKENS, METHODS, check_options, evaluate, make_settings, recompute_step,
@@ -78,12 +78,6 @@ def _progress_bar(setting, total):
     return progress_bar(total, setting.label)
 
 
-def _model_name(model: str) -> str:
-    """A local model's file or folder name, else the name as given (a hub id)."""
-    path = Path(model).expanduser()
-    return path.name if path.exists() else model
-
-
 def run(args) -> int:
     """Check every option, read the text, load the model, score, print the summary, write the files."""
     source = TextSource(args.files, args.corpus, args.dataset, args.dataset_split, args.dataset_field)
@@ -113,7 +107,7 @@ def run(args) -> int:
 
     summary = summarize(results, len(ids), args.segment_tokens)
     print(format_summary(summary))
-    title = f"{_model_name(args.model)} on {source.name}: {len(ids):,} tokens"
+    title = f"{model_label(args.model)} on {source.name}: {len(ids):,} tokens"
     written = [write_nll_csv(results, args.out / "nll.csv"), write_summary_csv(summary, args.out / "summary.csv"),
                plot_curves(results, args.out / "curves.png", smooth=args.smooth, trained_length=trained, title=title)]
     if plot_sweep(results, args.out / "sweep.png", title=title):

@@ -71,8 +71,8 @@ _FIELDS = ("steps", "batch_size", "seq_len", "hidden_size", "intermediate_size",
 
 
 def run(args) -> int:
-    from ..report import pyplot
     from ..models import resolve_device
+    from ..report import pyplot
     from ..train import PRESETS, prepare_data, pretrain, variants_of
     from ..train.report import plot_losses, write_losses
 
@@ -107,11 +107,15 @@ def run(args) -> int:
     written = [write_losses(results, args.out / "loss_curves.csv"),
                plot_losses(results, args.out / "loss_curves.png", config)]
     if evaluation is not None:
+        from ..evals.recall_report import sink_table
         from ..evals.sink_pretraining import evaluate_checkpoints, write_report
 
         report = evaluate_checkpoints({r.variant: r.folder for r in results}, data.held_out_text, evaluation,
                                       progress=not args.quiet, device=config.device)
         print(report.table())
+        plan = report.plan
+        print(f"\nattention sinks per layer ({plan.stats_windows} windows of {plan.stats_tokens} held-out tokens):")
+        print(sink_table([r.stats for r in report.rows]))
         written += write_report(report, args.out)
     print(f"wrote {', '.join(map(str, written))}", file=sys.stderr)
     return 0
