@@ -33,7 +33,8 @@ import warnings
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from .attention import BAND_AWARE, SINK_ATTENTION, attach_band, attention_implementation, is_sink_attention, use_sink_attention
+from .attention import (BAND_AWARE, SINK_ATTENTION, attach_band, attention_implementation, is_sink_attention,
+                        use_sink_attention)
 from .checks import ArgumentError, check_int
 from .compat import check_transformers, text_config
 from .families import (Family, UnsupportedModelError, alibi_limit, check_rope_scaling, family_of, past_trained_length,
