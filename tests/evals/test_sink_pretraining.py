@@ -42,7 +42,7 @@ def test_dense_past_the_trained_length_weighs_segments_by_length():
     plan = EvalPlan.for_trained_length(100, dense_tokens=250)
     r = _scores("vanilla", {}, {(0, 100): 20.0, (100, 200): 50.0, (200, 250): 200.0})
     r.streaming_segments = {(0, 100): 20.0, (100, 200): 30.0, (200, 250): 30.0}
-    assert dense_inside(r, plan) == 20.0
+    assert dense_inside(r) == 20.0
     assert dense_past(r, plan) == pytest.approx(math.exp((100 * math.log(50) + 50 * math.log(200)) / 150))
     assert past(r.streaming_segments, plan) == pytest.approx(30.0)
     assert deep_mean(r.stats.first_share) == pytest.approx(0.3)  # layers after the first two

@@ -12,10 +12,7 @@ DESCRIPTION = """\
 Train small Llama models from scratch on Jane Austen's novels (one held out) in up to four
 variants with identical data, tokenizer, schedule and seed (paper Sec. 3.3):
 
-  vanilla      plain softmax
-  sink-token   a learnable <sink> token prepended to every sample (streamed with S = 1)
-  softmax1     SoftMax1, the "zero sink": a fixed zero logit in every softmax
-  sink-logit   gpt-oss style: a learned sink logit per head
+{variants}
 
 Each is saved in OUT/<variant>/ as an ordinary transformers checkpoint (--model OUT/<variant>
 works with every command) with train_log.csv; OUT/loss_curves.png and .csv compare them. A
@@ -30,8 +27,9 @@ def register(sub) -> None:
     from ..evals.corpus import AUSTEN_NOVELS
     from ..train.recipe import PRESETS, VARIANTS
 
+    variants = "\n".join(f"  {v.name:<12} {v.description}" for v in VARIANTS.values())
     p = add_parser(sub, "pretrain", "train models with and without attention sinks from scratch, and evaluate them",
-                   DESCRIPTION)
+                   DESCRIPTION.format(variants=variants))
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), metavar="VARIANT",
                    help=f"one or more of {' '.join(VARIANTS)}")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS),

@@ -131,7 +131,7 @@ class SinkPretrainReport:
             f"streaming {p.trained_length}-{p.dense_tokens}", f"first token {_early_late(p)}",
             f"softmax sink {_early_late(p)}"]
         rows = [[r.variant] + [f"{r.streaming[s]:.2f}" for s in p.sink_sizes]
-                + [f"{dense_inside(r, p):.2f}", f"{dense_past(r, p):.2f}", f"{past(r.streaming_segments, p):.2f}",
+                + [f"{dense_inside(r):.2f}", f"{dense_past(r, p):.2f}", f"{past(r.streaming_segments, p):.2f}",
                    *(" / ".join(f"{r.by_position[g][i]:.3f}" for g in _early_and_late(r)) for i in (0, 1))]
                 for r in self.rows]
         return format_table(header, rows)
@@ -155,7 +155,7 @@ def deep_mean(per_layer: np.ndarray | None) -> float:
     return float(v[2:].mean() if len(v) > 2 else v.mean())
 
 
-def dense_inside(r: VariantScores, plan: EvalPlan) -> float:
+def dense_inside(r: VariantScores) -> float:
     """Dense perplexity over the first trained length (the segment starting at 0)."""
     return next(v for (lo, _), v in r.dense.items() if lo == 0)
 
@@ -262,7 +262,7 @@ def write_report(report: SinkPretrainReport, out: Path) -> list[Path]:
     out = Path(out)
     p = report.plan
     table_rows = [{"variant": r.variant, **{p.label(s): r.streaming[s] for s in p.sink_sizes},
-                   "dense_inside": dense_inside(r, p), "dense_past": dense_past(r, p),
+                   "dense_inside": dense_inside(r), "dense_past": dense_past(r, p),
                    "streaming_past": past(r.streaming_segments, p),
                    "first_token_share": deep_mean(r.stats.first_share),
                    "softmax_sink_share": deep_mean(r.stats.softmax_sink_share)} for r in report.rows]

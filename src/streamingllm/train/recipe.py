@@ -33,23 +33,21 @@ class Variant:
 
     Attributes:
         name: the name ``--variants`` takes.
-        description: one line for tables and help.
+        description: one line for the help.
         sink_token: True when ``<sink>`` is prepended to every sample (and every text when streaming).
         attention_sink: the softmax sink of :class:`~streamingllm.sink_llama.SinkLlamaConfig`
             (``"zero"`` or ``"learned"``), or None for a plain softmax.
-        stream_sinks: the sink size this variant is meant to stream with.
     """
 
     name: str
     description: str
     sink_token: bool = False
     attention_sink: str | None = None
-    stream_sinks: int = 4
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("vanilla", "plain softmax, samples start anywhere"),
-    Variant("sink-token", "a learnable <sink> token prepended to every sample", sink_token=True, stream_sinks=1),
+    Variant("sink-token", "a learnable <sink> token prepended to every sample (streamed with S = 1)", sink_token=True),
     Variant("softmax1", "SoftMax1 (zero sink): a fixed zero logit in every softmax", attention_sink="zero"),
     Variant("sink-logit", "gpt-oss style: a learned sink logit per head", attention_sink="learned"),
 )}
