@@ -41,25 +41,9 @@ STREAM_WINDOW=${STREAM_WINDOW:-1020}
 MAX_DENSE=${MAX_DENSE:-4000}
 STREAM_LIMIT_S=${STREAM_LIMIT_S:-150}
 
-mkdir -p "$OUT"
-export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
-export PYTHONUNBUFFERED=1
-LOG="$OUT/log.txt"
-WORK=$(mktemp -d)
-start=$(date +%s)
-
+. "$(dirname "$0")/gpu_common.sh"
 {
-  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "host: $(uname -a)"
-  command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  grep -m1 "model name" /proc/cpuinfo 2>/dev/null
-  echo "cpu cores: $(nproc)"
-  "$PY" - <<'EOF'
-import sys, torch, transformers
-print("python", sys.version.split()[0], "| torch", torch.__version__, "| transformers", transformers.__version__)
-print("cuda available:", torch.cuda.is_available(), "| cuda", torch.version.cuda,
-      "| device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
-EOF
+  describe_machine
   echo "settings: DEVICE=$DEVICE MODEL_ARGS=$MODEL_ARGS SIZES='$SIZES' STEPS=$STEPS WARMUP=$WARMUP"\
        "RECOMPUTE_STEPS=$RECOMPUTE_STEPS DTYPES='$DTYPES' COMPILE_SIZES='$COMPILE_SIZES' STREAM_DTYPE=$STREAM_DTYPE STREAM_TOKENS=$STREAM_TOKENS"\
        "SAMPLE_EVERY=$SAMPLE_EVERY STREAM_WINDOW=$STREAM_WINDOW MAX_DENSE=$MAX_DENSE"

@@ -1,14 +1,27 @@
-"""Streaming-perplexity throughput: exact chunked evaluation vs feeding the stream token by token.
+"""Exact chunked evaluation against plain causal chunked prefill and token-by-token feeding.
 
-Run from the repository root (about 2 minutes on 2 CPU cores):
+Run from the repository root (about 3 minutes on 2 CPU cores):
 
-    . .venv/bin/activate && python benchmarks/perplexity_speed.py --num-tokens 2048 --cache-size 512
+    . .venv/bin/activate && python benchmarks/perplexity_speed.py --num-tokens 4096 --cache-size 1024 --chunk-size 256
 
-Both arms score the same Austen tokens with the same SinkCache configuration (S sinks + W recent
-tokens, S + W = cache size). The chunked arm feeds ``--chunk-size`` tokens per forward with the
-cache's banded mask; the token-by-token arm feeds one token per forward, which is what a plain
-streaming loop does. Printed: tokens/s of each arm, their ratio, and the largest per-token NLL
-difference between them (they must agree to 1e-4 nats in float32).
+Every arm streams the same Austen tokens through a SinkCache of ``--sink-size`` sinks and
+``--cache-size`` tokens in all, and scores each token's NLL:
+
+* ``exact``: chunks of ``--chunk-size`` tokens with their exact band; each query's sink logits are
+  computed by the sink-aware attention from one zero-key copy of the sinks (``SinkCache.sink_scores``);
+* ``exact-copies``: the same band with one rotated copy of the sinks per overflowing query (the
+  layout before, kept as the reference layout for padded batches);
+* ``causal``: the same chunks under the model's plain causal mask (``fast_chunks``): what plain
+  chunked prefill costs, and not exact (a query also sees up to ``chunk - 1`` older tokens);
+* ``token``: one token per forward (with ``--token-by-token``), the definition of exactness.
+
+Arms are interleaved over ``--rounds`` rounds (order rotating), so machine noise hits them alike.
+Printed per arm: tokens/s (median over rounds), its ratio to ``causal``, and the largest per-token
+NLL difference to the reference (``token`` when run, else ``exact-copies``).
+
+With ``--recompute N``, sliding window with re-computation also scores N tokens (spread over the
+text) one window per forward and in batches of ``RECOMPUTE_BATCH_TOKENS`` tokens, interleaved the
+same way: the evaluation's re-computation is the batched one.
 """
 
 from __future__ import annotations
@@ -16,48 +29,94 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from streamingllm import SinkCache
 from streamingllm.evals.corpus import austen_text
-from streamingllm.evals.perplexity import Setting, score_cached
+from streamingllm.evals.perplexity import RECOMPUTE_BATCH_TOKENS, score_recompute
+from streamingllm.feed import iter_chunks
 from streamingllm.models import DEFAULT_MODEL, load
+
+ARMS = ("exact", "exact-copies", "causal", "token")
+
+
+def score(model, ids: torch.Tensor, arm: str, sink_size: int, cache_size: int, chunk_size: int) -> tuple[np.ndarray, float]:
+    """Per-token NLL of ``ids[1:]`` and the wall seconds it took, for one arm."""
+    cache = SinkCache(model, sink_size, cache_size - sink_size, fast_chunks=arm == "causal")
+    cache.sink_scores = arm != "exact-copies"
+    chunk = 1 if arm == "token" else chunk_size
+    parts, t0 = [], time.perf_counter()
+    for start, logits in iter_chunks(model, cache, ids[:-1], chunk_size=chunk, exact=arm != "causal"):
+        target = ids[start + 1 : start + 1 + logits.shape[1]]
+        parts.append(F.cross_entropy(logits[0].float(), target, reduction="none").double())
+    return torch.cat(parts).numpy(), time.perf_counter() - t0
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--num-tokens", type=int, default=2048, help="tokens scored by each arm (> cache size, so it evicts)")
-    p.add_argument("--cache-size", type=int, default=512, help="S + W (tokens)")
+    p.add_argument("--num-tokens", type=int, default=4096, help="tokens scored by each arm (> cache size, so it evicts)")
+    p.add_argument("--cache-size", type=int, default=1024, help="S + W (tokens)")
     p.add_argument("--sink-size", type=int, default=4, help="S (tokens)")
-    p.add_argument("--chunk-size", type=int, default=256, help="tokens per forward in the chunked arm")
-    p.add_argument("--methods", nargs="+", default=["streaming", "window"], choices=["streaming", "window"])
+    p.add_argument("--chunk-size", type=int, default=256, help="tokens per forward in the chunked arms")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of the chunked arms")
+    p.add_argument("--token-by-token", action="store_true", help="also run the token-by-token arm (once; slow)")
+    p.add_argument("--recompute", type=int, default=0, metavar="N",
+                   help="also time re-computation over N scored tokens, one window per forward vs batched")
     p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     a = p.parse_args(argv)
-    if a.num_tokens < 2 or a.cache_size <= a.sink_size or a.chunk_size < 1:
-        p.error("need --num-tokens >= 2, --cache-size > --sink-size, --chunk-size >= 1")
+    if a.num_tokens <= a.cache_size or a.cache_size <= a.sink_size or a.chunk_size < 2 or a.rounds < 1:
+        p.error("need --num-tokens > --cache-size > --sink-size, --chunk-size >= 2, --rounds >= 1")
     torch.set_grad_enabled(False)
-    model, tokenizer = load(a.model)
+    model, tokenizer = load(a.model, dtype=a.dtype)
     ids = torch.tensor(tokenizer(austen_text()[: a.num_tokens * 12], add_special_tokens=False).input_ids[: a.num_tokens])
-    print(
-        f"model {a.model} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
-        f"threads {torch.get_num_threads()} | {len(ids)} Austen tokens | loadavg {os.getloadavg()[0]:.2f}"
-    )
-    print(f"{'setting':>18} {'chunked tok/s':>14} {'token-by-token tok/s':>21} {'speed-up':>9} {'max |dNLL|':>11}")
-    for method in a.methods:
-        s = a.sink_size if method == "streaming" else 0
-        setting = Setting(method, s, a.cache_size - s)
-        score_cached(model, ids[:300], setting, chunk_size=a.chunk_size)  # warm-up
-        t0 = time.perf_counter()
-        chunked = score_cached(model, ids, setting, chunk_size=a.chunk_size)
-        t1 = time.perf_counter()
-        single = score_cached(model, ids, setting, chunk_size=1)
-        t2 = time.perf_counter()
-        fast, slow = len(chunked.nll) / (t1 - t0), len(single.nll) / (t2 - t1)
-        diff = float(np.abs(chunked.nll - single.nll).max())
-        print(f"{setting.label:>18} {fast:>14.1f} {slow:>21.1f} {fast / slow:>8.1f}x {diff:>11.2e}", flush=True)
-    print(f"loadavg at end {os.getloadavg()[0]:.2f} (other CPU load slows both arms)")
+    print(f"model {a.model} {a.dtype} | {platform.processor() or platform.machine()} | torch {torch.__version__} | "
+          f"threads {torch.get_num_threads()} | {len(ids)} Austen tokens | cache {a.sink_size}+{a.cache_size - a.sink_size} "
+          f"| chunk {a.chunk_size} | loadavg {os.getloadavg()[0]:.2f}")
+    chunked = ["exact", "exact-copies", "causal"]
+    for arm in chunked:  # warm-up
+        score(model, ids[: a.cache_size + a.chunk_size + 8], arm, a.sink_size, a.cache_size, a.chunk_size)
+    seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
+    nll: dict[str, np.ndarray] = {}
+    for r in range(a.rounds):
+        for arm in chunked[r % 3 :] + chunked[: r % 3]:
+            nll[arm], s = score(model, ids, arm, a.sink_size, a.cache_size, a.chunk_size)
+            seconds[arm].append(s)
+    if a.token_by_token:
+        nll["token"], s = score(model, ids, "token", a.sink_size, a.cache_size, a.chunk_size)
+        seconds["token"].append(s)
+    ref = "token" if a.token_by_token else "exact-copies"
+    causal = len(ids) / statistics.median(seconds["causal"])
+    print(f"{'arm':>13} {'tok/s':>8} {'vs causal':>10} {'max |dNLL| vs ' + ref:>24} {'ppl':>8}")
+    for arm in ARMS:
+        if not seconds[arm]:
+            continue
+        rate = len(ids) / statistics.median(seconds[arm])
+        diff = float(np.abs(nll[arm] - nll[ref]).max())
+        print(f"{arm:>13} {rate:>8.1f} {rate / causal:>9.3f}x {diff:>24.2e} {float(np.exp(nll[arm].mean())):>8.3f}",
+              flush=True)
+    if a.recompute:
+        every = max(1, (len(ids) - a.cache_size - 2) // a.recompute)
+        text = ids[: a.cache_size + 2 + every * a.recompute]  # its scored tokens past the first window
+        times: dict[int, list[float]] = {1: [], RECOMPUTE_BATCH_TOKENS: []}
+        scores = {}
+        for r in range(a.rounds):
+            for batch in (list(times) if r % 2 == 0 else list(times)[::-1]):
+                t0 = time.perf_counter()
+                scores[batch] = score_recompute(model, text, a.cache_size, every, batch_tokens=batch)
+                times[batch].append(time.perf_counter() - t0)
+        n = len(scores[1].nll)
+        one, many = (n / statistics.median(times[b]) for b in times)
+        diff = float(np.abs(scores[1].nll - scores[RECOMPUTE_BATCH_TOKENS].nll).max())
+        print(f"recompute {a.cache_size}: {n} tokens, one window per forward {one:.2f} tok/s, batched "
+              f"({RECOMPUTE_BATCH_TOKENS // (a.cache_size + 1)} windows per forward) {many:.2f} tok/s: "
+              f"{many / one:.2f}x; max |dNLL| {diff:.1e}")
+    print(f"loadavg at end {os.getloadavg()[0]:.2f} (other CPU load slows every arm)")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ import warnings
 import torch
 from transformers.cache_utils import Cache, StaticLayer
 
-from .attention import (BAND_AWARE, SINK_ATTENTION, attach_band, attention_implementation, is_sink_attention,
-                        use_sink_attention)
+from .attention import (BAND_AWARE, SINK_ATTENTION, SinkScores, attach_band, attach_sink_scores,
+                        attention_implementation, is_sink_attention, use_sink_attention)
 from .checks import ArgumentError, check_int
 from .compat import check_transformers, text_config
 from .families import (Family, UnsupportedModelError, alibi_limit, check_rope_scaling, family_of, past_trained_length,
@@ -56,12 +56,15 @@ class TrainedLengthWarning(UserWarning):
 class SinkKeys:
     """The stored sink keys of every layer, one tensor (layers, batch, kv_heads, S, head_dim) per
     device the layers sit on, so that one step rotates all layers' sinks with one set of ops per
-    device (one device unless the model is split with ``device_map``).
+    device (one device unless the model is split with ``device_map``); and the layers' key/value
+    buffers, one (layers, batch, kv_heads, slots, head_dim) tensor each per device, whose views the
+    layers hold, so that a ring step writes every layer's rotated sinks with one set of ops.
 
     Stored keys are in the frame of the stream's first token, in at least float32 (bf16/fp16 sinks
     are rotated from a float32 copy and rounded once, so their error does not grow with the
     stream); :meth:`rotate_all` writes this step's rotation of them, in the model's dtype, into a
-    second tensor per device that the layers copy from.
+    second tensor per device that the layers copy from, or (:meth:`rotate_into_buffers`) straight
+    into the first slots of every layer's buffer.
 
     Args:
         rotator: rotates keys by position differences (None for ALiBi: nothing is rotated).
@@ -73,6 +76,7 @@ class SinkKeys:
         self.rotator = rotator
         self.layer_devices = layer_devices
         self.groups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (stored, rotated) per device
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []  # (keys, values) of all layers, per device
         self.where: list[tuple[int, int]] = []  # per layer: (group, index in the group)
         self.rotated_for: tuple[int, int] | None = None  # (n_sink, delta) that the rotated tensors hold
 
@@ -84,14 +88,39 @@ class SinkKeys:
         devices = self.layer_devices or [key_states.device] * num_layers
         order = list(dict.fromkeys(devices))  # each device once, in layer order
         self.where = [(order.index(d), devices[:i].count(d)) for i, d in enumerate(devices)]
-        self.groups = []
+        self.groups, self.buffers = [], []
         for device in order:
             shape = (devices.count(device), *key_states.shape[:2], sink_size, key_states.shape[-1])
             stored = torch.zeros(shape, dtype=compute_dtype(key_states.dtype), device=device)
             self.groups.append((stored, torch.empty(shape, dtype=key_states.dtype, device=device)))
 
     def tensors(self) -> list[torch.Tensor]:
+        """The stored and rotated sink keys (the layers' buffers are counted by the layers)."""
         return [t for group in self.groups for t in group]
+
+    def layer_buffers(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor, slots: int):
+        """Views (batch, kv_heads, slots, head_dim) of the all-layer buffers for layer ``layer``'s keys
+        and values, allocating those buffers (zeros) at the first call, shaped like the given states."""
+        if not self.buffers:
+            for stored, _ in self.groups:
+                count, shape = stored.shape[0], (*key_states.shape[:2], slots)
+                self.buffers.append((key_states.new_zeros((count, *shape, key_states.shape[-1]), device=stored.device),
+                                     value_states.new_zeros((count, *shape, value_states.shape[-1]),
+                                                            device=stored.device)))
+        group, index = self.where[layer]
+        with torch.enable_grad():  # a view made under no_grad could not be written to with grad mode on
+            return self.buffers[group][0][index], self.buffers[group][1][index]
+
+    def rotate_into_buffers(self, n_sink: int, delta: int) -> None:
+        """Write the first ``n_sink`` sinks of every layer, rotated by ``delta``, into the first slots
+        of the layers' key buffers: one set of ops per device, for all layers (a ring step)."""
+        for (stored, _), (keys, _) in zip(self.groups, self.buffers):
+            out = keys[:, :, :, :n_sink]
+            if self.rotator is not None and delta:
+                self.rotator.rotate_by(stored[..., :n_sink, :], (delta,), out=out)
+            else:
+                out.copy_(stored[..., :n_sink, :])
+        self.rotated_for = None
 
     def stored(self, layer: int) -> torch.Tensor:
         """Layer ``layer``'s stored sink keys (batch, kv_heads, S, head_dim), on its device."""
@@ -174,7 +203,14 @@ class SinkLayer(StaticLayer):
         self.sink_values: torch.Tensor | None = None  # (batch, kv_heads, S, head_dim)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Allocate as transformers' static layers do, but hold views of the all-layer buffers of
+        :class:`SinkKeys` (so a ring step writes every layer's sinks at once)."""
         super().lazy_initialization(key_states, value_states)
+        if self.sinks.allocated:
+            self.keys, self.values = self.sinks.layer_buffers(self.index, key_states, value_states, self.max_cache_len)
+            if not torch.compiler.is_compiling():
+                torch._dynamo.mark_static_address(self.keys)
+                torch._dynamo.mark_static_address(self.values)
         S = self.timeline.sink_size
         self.sink_values = value_states.new_zeros((*value_states.shape[:2], S, value_states.shape[-1]))
 
@@ -197,13 +233,22 @@ class SinkLayer(StaticLayer):
             keys, values = K[:, :, o : o + step.n + step.q], V[:, :, o : o + step.n + step.q]
         else:  # ConcatStep
             copied = s0
-            if step.groups > 1:  # exact: every query sees the sinks through its copy, new ones included
+            if step.groups > 1:  # exact: every query sees the sinks where it needs them, new ones included
                 self._store_new_sinks(step, key_states, value_states)
                 copied = s0 + step.new_sinks
-            sink_keys = self.sinks.for_layer(self.index, copied, step.sink_deltas)
-            sink_values = self.sink_values[:, :, :copied].repeat(1, 1, step.groups, 1)
+            if step.sink_scores:  # the attention computes each query's sink logits: one zero-key copy
+                sink_keys = key_states.new_zeros((*key_states.shape[:2], copied, key_states.shape[-1]))
+                sink_values = self.sink_values[:, :, :copied]
+            else:  # one rotated copy of the sinks per group
+                sink_keys = self.sinks.for_layer(self.index, copied, step.sink_deltas)
+                sink_values = self.sink_values[:, :, :copied].repeat(1, 1, step.groups, 1)
             keys = torch.cat((sink_keys, K[:, :, lo:hi], key_states), dim=-2)
             values = torch.cat((sink_values, V[:, :, lo:hi], value_states), dim=-2)
+            if step.sink_scores:
+                cos, sin = self.sinks.rotator.cos_sin(step.query_sink_deltas, keys.device,
+                                                      compute_dtype(keys.dtype))
+                attach_sink_scores(keys, SinkScores(self.sinks.stored(self.index)[:, :, :copied], cos, sin,
+                                                    self.sinks.rotator))
         if not (isinstance(step, ConcatStep) and step.groups > 1):
             self._store_new_sinks(step, key_states, value_states)
         if isinstance(step, ConcatStep) and step.kept:  # evict: keep the window's tail at buffer[S:]
@@ -285,7 +330,7 @@ class RopeSinkLayer(SinkLayer):
         if step.shift:
             ring = K.narrow(2, s0, self.timeline.window_size + 1)
             self.rotator.rotate_by(ring, (step.shift,), out=ring)
-        if step.write_sinks:
+        if step.write_sinks and not self.sinks.buffers:  # else written for all layers at once
             self.sinks.for_layer(self.index, s0, (step.sink_delta,), out=K.narrow(2, 0, s0))
         if step.write_sink_values:
             self.values.narrow(2, 0, s0).copy_(self.sink_values)
@@ -385,6 +430,10 @@ class SinkCache(Cache):
         self._shifted = 0  # layers whose ring that step has prepared
         self._slots: dict[torch.device, torch.Tensor] = {}  # per device: (1,) int64, the prepared token's buffer slot
         self._position: torch.Tensor | None = None  # (1, 1) int64: its position id
+        self._handed: tuple | None = None  # (ids, their version, first position): the ids last handed out
+        #: Exact chunks through the sink-aware attention compute each query's sink logits from one
+        #: zero-key copy of the sinks (False: one rotated copy of the sinks per query, the reference).
+        self.sink_scores = True
         if rope:
             layers = [RopeSinkLayer(self.timeline, self.sinks, i, rotator) for i in range(self.num_layers)]
         else:
@@ -440,7 +489,7 @@ class SinkCache(Cache):
             self._rows.begin(None if positions is None else positions.expand(key_states.shape[0], -1),
                              key_states.shape[-2])
             return
-        p0 = None if positions is None else int(positions[0, 0])
+        p0 = None if positions is None else self._first_position(positions)
         if not self.sinks.allocated:
             self._allocate(key_states)
         q, t = key_states.shape[-2], self.timeline
@@ -449,7 +498,14 @@ class SinkCache(Cache):
                 and is_sink_attention(self.config)):
             self._band = self.exact_chunk_mask(q, key_states.dtype, key_states.device)  # a new turn, say
         self._step = self.timeline.plan(q, p0)
+        if isinstance(self._step, ConcatStep) and self._step.groups > 1 and self._scores_layout():
+            self._step = dataclasses.replace(self._step, sink_scores=True)
         self._rotate_all_sinks(self._step)
+
+    def _scores_layout(self) -> bool:
+        """Exact chunks of this cache give the sinks as one zero-key copy whose logits the
+        attention computes (:class:`~streamingllm.attention.SinkScores`), not one copy per group."""
+        return self.sink_scores and self.family.positions == "rope" and is_sink_attention(self.config)
 
     def _allocate(self, key_states: torch.Tensor) -> None:
         """Allocate the cache-wide tensors, after checking that all the buffers fit."""
@@ -486,8 +542,11 @@ class SinkCache(Cache):
         return out
 
     def _rotate_all_sinks(self, step: Step) -> None:
-        """Rotate the sinks of every layer at once (one set of small ops per step, not per layer)."""
-        if isinstance(step, (ViewStep, RingStep)) and step.write_sinks:
+        """Rotate the sinks of every layer at once (one set of small ops per step, not per layer); a
+        ring step writes them straight into every layer's buffer."""
+        if isinstance(step, RingStep) and step.write_sinks and self.sinks.buffers:
+            self.sinks.rotate_into_buffers(step.n_sink, step.sink_delta)
+        elif isinstance(step, (ViewStep, RingStep)) and step.write_sinks:
             self.sinks.rotate_all(step.n_sink, step.sink_delta)
         else:
             self.sinks.rotated_for = None
@@ -530,7 +589,7 @@ class SinkCache(Cache):
         for slot in self._slots.values():
             slot.fill_(step.slot)
         self._position.fill_(p)
-        return self._position
+        return self._hand_out(self._position, p)
 
     def _start_rows(self, batch: int) -> None:
         """A left-padded batch arrives: give each row a stream of its own (see :mod:`streamingllm.rows`)."""
@@ -548,6 +607,7 @@ class SinkCache(Cache):
                               fast_chunks=self.timeline.fast_chunks) for _ in range(batch)]
         for row in rows:  # rotate with the model's own frequencies, keep sinks on the layers' devices
             row.sinks.rotator, row.sinks.layer_devices = self.sinks.rotator, self.sinks.layer_devices
+            row.sink_scores = False  # the rows' bands are stacked into one mask: their sinks come as copies
             for layer in row.layers:
                 layer.rotator = self.sinks.rotator
         self._rows = PaddedRows(rows)
@@ -586,7 +646,23 @@ class SinkCache(Cache):
         """The forward gives the prepared position (or none, for families whose positions the model
         takes from ``get_seq_length()``, which is the prepared one there)."""
         positions = _position_ids(kwargs)
-        return positions is None or int(positions[0, 0]) == self._undo[2]
+        return positions is None or self._first_position(positions) == self._undo[2]
+
+    def _hand_out(self, positions: torch.Tensor, p: int) -> torch.Tensor:
+        """Remember the position ids given to a caller (first one ``p``), so that when the forward
+        passes them back they are recognised without reading the device (no host sync on a GPU).
+        The ids are kept alive, so no other tensor can take their memory while they are remembered."""
+        self._handed = (positions, positions._version, p)
+        return positions
+
+    def _first_position(self, positions: torch.Tensor) -> int:
+        """The first position id of this forward: known without a device read when they are the ids
+        :meth:`position_ids` or :meth:`prepare_decode_step` handed out, unmodified since."""
+        h = self._handed
+        if (h is not None and positions.data_ptr() == h[0].data_ptr() and positions._version == h[1]
+                and positions.numel() == h[0].numel()):
+            return h[2]
+        return int(positions[0, 0])
 
     def _rollback(self) -> None:
         """Undo a prepared step whose forward did not run (or not to the end): the timeline goes
@@ -628,8 +704,8 @@ class SinkCache(Cache):
         p = self.timeline.next_position() if self._undo is None else self._undo[2]
         if out is not None:
             torch.arange(p, p + q, out=out.view(-1))
-            return out
-        return torch.arange(p, p + q, device=device)[None]
+            return self._hand_out(out, p)
+        return self._hand_out(torch.arange(p, p + q, device=device)[None], p)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Tokens of the stream consumed so far (before a prepared step's forward runs); the
@@ -754,9 +830,11 @@ class SinkCache(Cache):
             dtype: the mask's dtype (the model's); masked entries hold its most negative value.
             device: where to build the mask (the model's device; the CPU when None).
 
-        The mask has ``q`` rows and ``S * (held + q - S - W) + window + q`` columns (one copy of the
-        sinks per overflowing position): for a prompt of many thousands of tokens in one forward
-        that is large, and :func:`~streamingllm.feed.generate` (bounded chunks) is the better way.
+        The mask has ``q`` rows and ``S + window + q`` columns when the model attends through the
+        sink-aware attention (the sinks' logits for each query are then added by the attention;
+        :attr:`sink_scores`), else ``S * (held + q - S - W) + window + q`` (one copy of the sinks
+        per overflowing position). For a prompt of many thousands of tokens in one forward it is
+        large, and :func:`~streamingllm.feed.generate` (bounded chunks) is the better way.
         """
         if self._rows is not None:
             raise ValueError("SinkCache: a left-padded batch's rows give their chunks their own bands")
@@ -774,8 +852,11 @@ class SinkCache(Cache):
         arange = lambda *a: torch.arange(*a, device=device)  # noqa: E731
         at = length + arange(q)[:, None]  # each query's index in the stream held (sinks first)
         group = (at - S - W).clamp(min=0)  # how far its own window has overflowed: its copy of the sinks
-        copies = arange((length + q - S - W) * S)[None, :]
-        sink_ok = (copies // max(S, 1) == group) & (copies % max(S, 1) <= at)  # a sink sees the sinks up to itself
+        if self._scores_layout():  # one zero-key copy: each query's sink logits come from the attention
+            sink_ok = arange(S)[None, :] <= at  # a sink sees the sinks up to itself
+        else:
+            copies = arange((length + q - S - W) * S)[None, :]
+            sink_ok = (copies // max(S, 1) == group) & (copies % max(S, 1) <= at)
         # then the stored window and the new tokens, by stream index; sinks among them are seen through the copies
         held = torch.cat((arange(t.n_sink, t.n_sink + w), arange(length, length + q)))[None, :]
         recent_ok = (held >= S) & (held <= at) & (held >= at - W)

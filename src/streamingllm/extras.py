@@ -17,6 +17,7 @@ EXTRAS: dict[str, str] = {
     "fastapi": "serve",
     "uvicorn": "serve",
     "prometheus_client": "serve",
+    "llama_cpp": "llamacpp",
 }
 
 

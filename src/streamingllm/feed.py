@@ -28,6 +28,7 @@ import torch
 from .cache import SinkCache
 from .checks import check_float, check_int
 from .compat import cache_kwargs
+from .compiled import DecodeStep
 from .families import UnsupportedModelError
 
 
@@ -197,6 +198,7 @@ def generate_tokens(
     exact_prefill: bool = True,
     prefill_progress: Callable[[int], None] | None = None,
     min_new_tokens: int = 0,
+    compile: str | bool | DecodeStep = "auto",
 ) -> Iterator[torch.Tensor]:
     """Prefill ``input_ids`` and yield up to ``max_new_tokens`` new tokens, one (B,) tensor per step.
 
@@ -213,9 +215,13 @@ def generate_tokens(
         min_new_tokens: the stop tokens are suppressed (their logits set to -inf) for this many
             tokens, so a reply is at least this long (>= 0; llama.cpp's way, instead of ignoring
             the end of turn and writing past it).
+        compile: the decode steps once the cache is full: ``"auto"`` (compiled on CUDA, where it
+            pays), ``"on"``, ``"off"``, or a :class:`~streamingllm.compiled.DecodeStep` (one that
+            reports its warm-up, or is shared by several calls); see :mod:`streamingllm.compiled`.
     """
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, 0)
     min_new_tokens = check_int("min_new_tokens", min_new_tokens, 0)
+    decode = compile if isinstance(compile, DecodeStep) else DecodeStep(model, compile)
     if max_new_tokens == 0:
         return
     generator = None
@@ -224,11 +230,9 @@ def generate_tokens(
     logits = prefill(model, cache, input_ids, chunk_size=chunk_size, exact=exact_prefill, progress=prefill_progress)
     ids = _as_batch(input_ids)
     step_ids = torch.empty((ids.shape[0], 1), dtype=torch.long, device=model.device)  # reused every step
-    step_pos = torch.empty((1, 1), dtype=torch.long, device=model.device)  # the same
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
     stops = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=model.device)
     recent = ids[:, -sampling.penalty_last_n :].to(model.device) if sampling.penalizes else None
-    pass_cache = cache_kwargs(model, cache)
     for i in range(max_new_tokens):
         if recent is not None:
             logits = sampling.penalize(logits, recent)
@@ -245,12 +249,11 @@ def generate_tokens(
         if i + 1 == max_new_tokens:
             return
         step_ids[:, 0] = token
-        positions = _positions(cache, 1, model.device, out=step_pos)
-        logits = model(input_ids=step_ids, use_cache=True, **positions, **pass_cache).logits[:, -1]
+        logits = decode(step_ids, cache)[:, -1]
 
 
 @torch.no_grad()
-def decode_rows(model, caches: list[SinkCache], token_ids) -> torch.Tensor:
+def decode_rows(model, caches: list[SinkCache], token_ids, decode: DecodeStep | None = None) -> torch.Tensor:
     """Feed ``token_ids[r]`` to the stream ``caches[r]``, for every r, and return the next-token
     logits (rows, vocab).
 
@@ -264,10 +267,14 @@ def decode_rows(model, caches: list[SinkCache], token_ids) -> torch.Tensor:
         model: the causal LM the caches were built for.
         caches: one batch-1 :class:`SinkCache` per stream.
         token_ids: the next token of each stream, (rows,) int.
+        decode: runs a single stream's step (compiled where it is: :class:`~streamingllm.compiled.DecodeStep`);
+            None: an ordinary forward.
     """
     tokens = torch.as_tensor(token_ids, dtype=torch.long).reshape(-1, 1).to(model.device)
     if tokens.shape[0] != len(caches) or not caches:
         raise ValueError(f"decode_rows: got {tokens.shape[0]} tokens for {len(caches)} caches; give one token per cache")
+    if len(caches) == 1 and decode is not None:
+        return decode(tokens, caches[0])[:, -1]
     if len(caches) == 1 or not all(c.can_stack for c in caches):
         return torch.cat([model(input_ids=tokens[r : r + 1], use_cache=True, **_positions(c, 1, model.device),
                                 **cache_kwargs(model, c)).logits[:, -1] for r, c in enumerate(caches)])
@@ -285,9 +292,9 @@ def token_logprobs(logits: torch.Tensor, token: int, top: int = 0) -> tuple[floa
     return float(logp[token]), ([] if best is None else list(zip(best.indices.tolist(), best.values.tolist())))
 
 
-def _positions(cache: SinkCache, q: int, device, out: torch.Tensor | None = None) -> dict:
+def _positions(cache: SinkCache, q: int, device) -> dict:
     """``{"position_ids": ...}`` for the next ``q`` tokens, or ``{}`` for families without positions."""
-    pos = cache.position_ids(q, device, out=out)
+    pos = cache.position_ids(q, device)
     return {} if pos is None else {"position_ids": pos}
 
 

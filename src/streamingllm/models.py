@@ -53,6 +53,19 @@ DEFAULT_ARCHITECTURE = {
     "initializer_range": 0.02,
 }
 
+#: Architectures that load by name with ``random_weights=True`` (no weights ship for the second:
+#: it is Llama-2-7B's shape, for speed measurements, where timings do not depend on the weights).
+ARCHITECTURES: dict[str, dict] = {
+    DEFAULT_MODEL: DEFAULT_ARCHITECTURE,
+    "llama2-7b-shape": {
+        "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+        "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
+        "max_position_embeddings": 4096, "rms_norm_eps": 1e-05,
+        "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default"}, "tie_word_embeddings": False,
+        "bos_token_id": 1, "eos_token_id": 2, "initializer_range": 0.02,
+    },
+}
+
 
 class ModelLoadError(RuntimeError):
     """The model named by the user could not be found or loaded."""
@@ -166,7 +179,7 @@ def _hub_kwargs(hub_id: str) -> dict:
 
 
 def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", *,
-         random_weights: bool = False, seed: int = 0):
+         random_weights: bool = False, seed: int = 0, quantize: str = "none"):
     """Load ``(model, tokenizer)`` in eval mode.
 
     Args:
@@ -175,18 +188,26 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: a torch device string this machine can use, e.g. ``"cpu"`` or ``"cuda"``.
         random_weights: the architecture only, with random weights and no tokenizer (None is
-            returned for it). The default model's architecture ships with this module
-            (:data:`DEFAULT_ARCHITECTURE`), so neither gguf nor the wheel is needed; a folder or
-            hub id is read with ``AutoConfig``.
+            returned for it), built on ``device``. The architectures of :data:`ARCHITECTURES`
+            ship with this module (the default model's, and ``"llama2-7b-shape"``), so neither
+            gguf nor the wheel is needed; a folder or hub id is read with ``AutoConfig``.
         seed: torch seed of the random weights.
+        quantize: low-precision linear weights (CPU): ``"none"`` or ``"int8"`` (weight-only, best
+            with bfloat16 and compiled); see :mod:`streamingllm.precision`.
     """
+    from .precision import check_quantize, quantize_model
+
     torch_dtype = check_dtype(dtype)
     dev = resolve_device(device)
+    check_quantize(quantize, dev)
     import transformers as tf
 
+    if not random_weights and name in ARCHITECTURES and name != DEFAULT_MODEL:
+        raise ModelLoadError(f"{name!r} is an architecture without weights: load it with random_weights=True "
+                             "(--random-weights)")
     if random_weights:
-        if name == DEFAULT_MODEL:
-            cfg = dict(DEFAULT_ARCHITECTURE)
+        if name in ARCHITECTURES:
+            cfg = dict(ARCHITECTURES[name])
             config = tf.AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         elif str(name).endswith(".gguf"):
             raise ModelLoadError("random weights need a config: give the default model, a folder or a hub id, not a .gguf")
@@ -198,7 +219,9 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
             except OSError as err:
                 raise ModelLoadError(f"could not read the config of {name!r}: {err}".split("\n")[0]) from err
         torch.manual_seed(seed)
-        return tf.AutoModelForCausalLM.from_config(config, dtype=torch_dtype).to(dev).eval(), None
+        with dev:  # initialised where it runs (a 7B model's random init on the host would take minutes)
+            model = tf.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        return quantize_model(model.eval(), quantize), None
     source, gguf_file = resolve(name)
     if gguf_file:
         kwargs = {"gguf_file": gguf_file}
@@ -210,4 +233,4 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
     except OSError as err:  # missing files, unreachable hub, unknown repo
         where = "the hub" if gguf_file is None and not Path(source).is_dir() else source
         raise ModelLoadError(f"could not load model {name!r} from {where}: {err}".split("\n")[0]) from err
-    return model.to(dev).eval(), tokenizer
+    return quantize_model(model.to(dev).eval(), quantize), tokenizer

@@ -11,6 +11,10 @@ from __future__ import annotations
 import torch
 
 
+#: Rows of the per-device table of single rotations (deltas 0 .. TABLE_ROWS - 1), see :meth:`Rotator.cos_sin`.
+TABLE_ROWS = 8192
+
+
 class Rotator:
     """Rotates cached keys by integer position differences.
 
@@ -23,18 +27,32 @@ class Rotator:
         self.inv_freq64 = inv_freq.detach().to(torch.float64).cpu()
         self.half = self.inv_freq64.numel()
         self._memo: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _angles(self, deltas, repeats: int = 1) -> torch.Tensor:
+        """``delta * inv_freq`` in float64, each delta's row repeated ``repeats`` times."""
+        angles = torch.as_tensor(deltas, dtype=torch.float64)[:, None] * self.inv_freq64[None, :]
+        return angles.repeat_interleave(repeats, dim=0)
 
     def cos_sin(self, deltas: tuple[int, ...], device, dtype, repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin of ``delta * inv_freq``, each delta repeated ``repeats`` times: (len * repeats, half).
 
-        Angles are computed in float64 from the integer deltas, then cast; results are memoised,
-        so all layers of one step share one computation.
+        Angles are computed in float64 from the integer deltas, then cast. A single delta in
+        ``0 .. TABLE_ROWS - 1`` (a decode step's sink rotation) is a row of a table computed once
+        per device and dtype, so a step does no host math and no host-to-device copy; other
+        results are memoised, so all layers of one step share one computation.
         """
+        if len(deltas) == 1 and repeats == 1 and 0 <= deltas[0] < TABLE_ROWS:
+            table = self._tables.get((device, dtype))
+            if table is None:
+                angles = self._angles(range(TABLE_ROWS))
+                table = self._tables[(device, dtype)] = (angles.cos().to(device=device, dtype=dtype),
+                                                         angles.sin().to(device=device, dtype=dtype))
+            return table[0][deltas[0] : deltas[0] + 1], table[1][deltas[0] : deltas[0] + 1]
         key = (deltas, repeats, device, dtype)
         hit = self._memo.get(key)
         if hit is None:
-            angles = torch.tensor(deltas, dtype=torch.float64)[:, None] * self.inv_freq64[None, :]
-            angles = angles.repeat_interleave(repeats, dim=0)
+            angles = self._angles(deltas, repeats)
             hit = (angles.cos().to(device=device, dtype=dtype), angles.sin().to(device=device, dtype=dtype))
             if len(self._memo) > 64:
                 self._memo.clear()

@@ -20,6 +20,7 @@ import torch
 
 from .cache import SinkCache
 from .checks import ArgumentError, check_int
+from .compiled import DecodeStep
 from .feed import Sampling, generate_tokens, prefill
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
@@ -138,6 +139,8 @@ class Session:
         pin_system: keep the whole system prompt as attention sinks: its tokens are never
             evicted, so the assistant keeps its instructions however long the conversation. The
             cache then holds ``max(sink_size, pinned_tokens) + window_size`` tokens.
+        compile: the decode steps compiled once the cache is full (``"auto"``: on CUDA), or a
+            :class:`~streamingllm.compiled.DecodeStep`; compiled once for all the turns.
 
     Attributes:
         cache: the session's :class:`SinkCache` (``cache.seen_tokens`` counts the whole conversation).
@@ -147,12 +150,14 @@ class Session:
 
     def __init__(self, model, tokenizer, sink_size: int = 4, window_size: int = 1020, *, system: str | None = None,
                  sampling: Sampling = Sampling(), max_new_tokens: int = 256, chunk_size: int = 256,
-                 min_new_tokens: int = 0, stop: tuple[str, ...] | list[str] = (), pin_system: bool = False):
+                 min_new_tokens: int = 0, stop: tuple[str, ...] | list[str] = (), pin_system: bool = False,
+                 compile: str | bool | DecodeStep = "auto"):
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError("the tokenizer has no chat template: a Session needs a chat (instruct) model")
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         self.chunk_size = check_int("chunk_size", chunk_size, 1)
+        self.decode = compile if isinstance(compile, DecodeStep) else DecodeStep(model, compile)
         self.min_new_tokens = check_int("min_new_tokens", min_new_tokens, 0)
         if isinstance(stop, str) or not all(isinstance(x, str) and x for x in stop):
             raise ArgumentError("stop", "must be a list of non-empty strings", stop)
@@ -290,7 +295,8 @@ class Session:
         shown = StopStrings(self.stop)
         try:
             for token in generate_tokens(self.model, self.cache, turn.prompt_ids, self.max_new_tokens, self.sampling,
-                                         self.stop_ids, chunk_size=self.chunk_size, min_new_tokens=self.min_new_tokens):
+                                         self.stop_ids, chunk_size=self.chunk_size, min_new_tokens=self.min_new_tokens,
+                                         compile=self.decode):
                 tid = int(token[0])
                 if tid in self.stop_ids:
                     stopped = True

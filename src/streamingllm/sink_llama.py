@@ -54,11 +54,11 @@ def sink_logit_attention(module, query, key, value, attention_mask, scaling: flo
         ``(output (batch, q, heads, head_dim), probabilities (batch, heads, q, keys))``; each row of
         the probabilities sums to one minus what the sink took.
     """
-    mask = attention.mask_for(key, attention_mask)
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    mask = attention.mask_for(module, query, key, attention_mask, scaling)
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
-    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query, key.transpose(2, 3)) * scaling
     if mask is not None:
         scores = scores + mask[..., : key.shape[-2]]

@@ -99,16 +99,28 @@ class ConcatStep(Step):
 
     Attributes:
         prev_off: where the stored window's view starts (the window is at ``prev_off + n_sink``).
-        groups: copies of the sinks; group ``g`` is rotated ``g`` positions further, for the
-            queries of an exact chunk whose own window has overflowed by ``g`` tokens.
+        groups: in-cache positions the sinks are seen from in an exact chunk: group ``g`` is
+            rotated ``g`` positions further, for the queries whose own window has overflowed by
+            ``g`` tokens. One copy of the sinks per group, unless ``sink_scores``.
+        sink_scores: exact chunk with one zero-key copy of the sinks; each query's sink logits are
+            computed by the sink-aware attention (:class:`~streamingllm.attention.SinkScores`).
     """
 
     prev_off: int = 0
     groups: int = 1
+    sink_scores: bool = False
 
     @property
     def sink_deltas(self) -> tuple[int, ...]:
         return tuple(self.sink_delta + g for g in range(self.groups))
+
+    @property
+    def query_sink_deltas(self) -> tuple[int, ...]:
+        """Per new token: the rotation that moves its query from the model's position to where it
+        sees the stored sinks (minus its group's sink rotation; the last ``groups - 1`` tokens have
+        overflowed, one more each)."""
+        first = self.q - self.groups  # tokens before the first overflowing one
+        return tuple(-(self.sink_delta + max(0, i - first)) for i in range(self.q))
 
 
 @dataclass(frozen=True)

@@ -136,3 +136,58 @@ def test_forward_feeds_a_sink_cache_like_prefill(llama):
 def test_bench_decode_bad_arguments(kwargs, error, message):
     with pytest.raises(error, match=message):
         bench.bench_decode(None, progress=False, **kwargs)  # rejected before the model is touched
+
+
+def test_compiled_dense_arm_holds_n_tokens_and_decodes_like_dense(llama, monkeypatch):
+    """dense-compiled: a StaticCache of N + 1 slots whose new token's slot is given back after each
+    step; with torch.compile as the identity, its logits are the DynamicCache arm's."""
+    outputs = []
+
+    def identity_compile(fn, **kwargs):
+        def run(*args, **kw):
+            outputs.append(fn(*args, **kw).logits)
+            return outputs[-1]
+        return run
+
+    monkeypatch.setattr(torch, "compile", identity_compile)
+    ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
+    fwd = Forward(llama)
+    static, dense = Arm("dense-compiled", fwd, 10, ids, 4, last_only=False), Arm("dense", fwd, 10, ids, 4, False)
+    for tok in (torch.tensor([[5]]), torch.tensor([[9]])):
+        static.step(tok)
+        static.after()
+        static.check_held()
+        want = fwd(tok, dense.state)
+        dense.after()
+        assert torch.allclose(outputs[-1], want, atol=1e-5)
+
+
+def test_variants_add_streaming_arms_and_every_row_has_its_bandwidth_limit(llama):
+    from tiny import tiny_model
+
+    bf16 = tiny_model("llama", dtype=torch.bfloat16)
+    rows = bench.bench_decode(llama, sizes=[12], methods=["streaming", "dense"], steps=2, warmup=0, progress=False,
+                              variants={"bfloat16": bf16})
+    assert [r["method"] for r in rows] == ["streaming", "dense", "streaming@bfloat16"]
+    assert all(r["limit_ms"] > 0 and r["vs_limit"] == pytest.approx(r["median_ms"] / r["limit_ms"]) for r in rows)
+    assert rows[2]["limit_ms"] < rows[0]["limit_ms"]  # half the bytes to read
+    assert "stream@bfloat16/dense" in bench.decode_table(rows).splitlines()[0]
+
+
+def test_llama_cpp_arm_is_skipped_with_a_reason(llama):
+    with pytest.warns(RuntimeWarning, match="skipping the llama.cpp arm: the model was not loaded from a GGUF file"):
+        rows = bench.bench_decode(llama, sizes=[12], methods=["llama.cpp", "dense"], steps=2, warmup=0,
+                                  progress=False)
+    assert [r["method"] for r in rows] == ["dense"]
+
+
+def test_roofline_counts_weights_and_kv_bytes(llama):
+    from streamingllm.bench.roofline import copy_bandwidth, kv_bytes, limit_ms, weight_bytes
+
+    params = sum(t.numel() * t.element_size() for t in (*llama.parameters(), *llama.buffers()))
+    assert weight_bytes(llama) == params  # the rotary tables are buffers
+    c = llama.config
+    assert kv_bytes(llama, 10) == 2 * c.num_hidden_layers * c.num_key_value_heads * c.head_dim * 4 * 10
+    bandwidth = copy_bandwidth(torch.device("cpu"), nbytes=1 << 20, repeats=2)
+    assert bandwidth > 1e8  # bytes/s
+    assert limit_ms(llama, 10, 1e9) == pytest.approx(1000 * (params + kv_bytes(llama, 10)) / 1e9)

@@ -88,11 +88,12 @@ def test_dense_chunked_equals_token_by_token_and_full_forward():
     assert np.abs(chunked.nll - full_forward_nll(model, ids)).max() <= TOL
 
 
-@pytest.mark.parametrize("every", [1, 3])
-def test_recompute_equals_each_window_by_hand(every):
+@pytest.mark.parametrize("every, batch_tokens", [(1, 1), (3, 1), (1, 100), (3, 100)])
+def test_recompute_equals_each_window_by_hand(every, batch_tokens):
+    """One window per forward (batch_tokens=1) and 7 windows per forward (100 // 13) alike."""
     model = tiny_model("llama")
     ids, L = text_ids(60), 12
-    got = score_recompute(model, ids, context=L, every=every)
+    got = score_recompute(model, ids, context=L, every=every, batch_tokens=batch_tokens)
     assert np.array_equal(got.tokens, np.arange(every, 60, every)) and got.every == every
     want = []
     with torch.no_grad():

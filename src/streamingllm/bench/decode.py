@@ -17,14 +17,16 @@ from ..compat import vocab_size
 from ..memory import MIB, PeakMemory, release_freed_memory, storage_bytes
 from ..report import progress_bar
 from .arms import Arm, Forward
+from .roofline import copy_bandwidth, limit_ms
 from .stats import add_ratios, latency_stats
 
-METHODS = ("streaming", "streaming-compiled", "dense", "recompute")
+METHODS = ("streaming", "streaming-compiled", "dense", "dense-compiled", "recompute", "llama.cpp")
+COMPILED = ("streaming-compiled", "dense-compiled")
 RECOMPUTE_LOGITS = ("all", "last")
 FILL_EXTRA = 64  # tokens fed to the streaming arm past its capacity, so it is evicting when timed
 DECODE_COLUMNS = [
     "size", "method", "steps", "median_ms", "p90_ms", "mean_ms", "state_mib", "peak_mib", "mem_source",
-    "vs_dense", "speedup_vs_recompute",
+    "vs_dense", "vs_dense_compiled", "vs_llamacpp", "speedup_vs_recompute", "limit_ms", "vs_limit",
 ]
 
 
@@ -56,7 +58,7 @@ def check_decode_args(
 def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), methods: Sequence[str] = METHODS,
                  steps: int = 64, warmup: int = 8, recompute_steps: int | None = None, sink_size: int = 4,
                  block: int = 8, seed: int = 0, progress: bool = True, on_row: Callable[[dict], None] | None = None,
-                 recompute_logits: str = "all") -> list[dict]:
+                 recompute_logits: str = "all", gguf=None, variants: dict | None = None) -> list[dict]:
     """Per-token decode latency and memory of each method (arm) at each cache size.
 
     Args:
@@ -64,8 +66,10 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
         sizes: cache sizes N (tokens; each > ``sink_size``). Every arm holds N tokens before each
             timed step, so the new token attends to N + 1 keys (recompute: N tokens, itself included).
         methods: arms to run (:mod:`streamingllm.bench.arms`): ``"streaming"``, ``"streaming-compiled"``
-            (compiled once per size in two extra untimed steps; dropped with a ``RuntimeWarning``
-            when compilation fails), ``"dense"``, ``"recompute"``.
+            and ``"dense-compiled"`` (compiled once per size in two extra untimed steps; dropped
+            with a ``RuntimeWarning`` when compilation fails), ``"dense"``, ``"recompute"``,
+            ``"llama.cpp"`` (needs ``gguf`` and llama-cpp-python; dropped with a ``RuntimeWarning``
+            without them).
         steps: timed single-token steps per arm and size (streaming, dense).
         warmup: untimed steps per arm and size (recompute: at most 2, each a full forward); at
             least one, as peak memory is measured over them.
@@ -77,29 +81,40 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
         on_row: called with each size's rows as soon as they are measured.
         recompute_logits: ``"all"``: the recompute forward computes every token's logits, as a
             plain forward (the paper's baseline); ``"last"``: the last token's only (stronger).
+        gguf: the GGUF file ``model`` was loaded from, for the llama.cpp arm.
+        variants: more copies of the model at other precisions, ``{label: model}`` (e.g.
+            ``"bfloat16+int8"``): each adds the arms ``streaming@label`` and, when
+            ``"streaming-compiled"`` is among ``methods``, ``streaming-compiled@label``.
 
     Returns:
         One row per (size, method) with :data:`DECODE_COLUMNS`: ``steps`` (timed), ``median_ms``,
         ``p90_ms``, ``mean_ms`` (:func:`latency_stats`), ``state_mib`` (the arm's cache tensors;
         0 for recompute), ``peak_mib`` (the process's peak memory while the arm steps, with the
         model and this arm's state only: exact on CUDA, resident memory on CPU), ``mem_source``
-        (``"cuda"``, ``"rss_hwm"`` or ``"rss"``), ``vs_dense`` (median / dense median) and
-        ``speedup_vs_recompute`` (recompute median / this median).
+        (``"cuda"``, ``"rss_hwm"`` or ``"rss"``), ``vs_dense``, ``vs_dense_compiled`` and
+        ``vs_llamacpp`` (median / that arm's median), ``speedup_vs_recompute`` (recompute
+        median / this median), ``limit_ms`` (the memory-bandwidth limit of a step attending to N + 1
+        keys: :mod:`streamingllm.bench.roofline`) and ``vs_limit`` (median / limit).
     """
     a = check_decode_args(sizes, methods, steps, warmup, recompute_steps, sink_size, block, recompute_logits)
-    fwd, mem = Forward(model), PeakMemory(model.device)
+    mem = PeakMemory(model.device)
+    bandwidth = copy_bandwidth(model.device)
     gen, vocab = torch.Generator().manual_seed(seed), vocab_size(model)
     release_freed_memory()
     baseline = mem.current()
-    counts = {m: a["recompute_steps"] if m == "recompute" else a["steps"] for m in a["methods"]}
-    warms = {m: min(max(a["warmup"], 1), 2) if m == "recompute" else max(a["warmup"], 1) for m in a["methods"]}
-    methods_now, rows = list(a["methods"]), []  # the compiled arm leaves when compilation fails
+    models = {"": model, **{f"@{label}": m for label, m in (variants or {}).items()}}
+    labels = list(a["methods"]) + [f"{m}{suffix}" for suffix in list(models)[1:] for m in a["methods"]
+                                   if m in ("streaming", "streaming-compiled")]
+    if "llama.cpp" in labels and not _llama_ready(gguf):
+        labels.remove("llama.cpp")
+    counts = {m: a["recompute_steps"] if m == "recompute" else a["steps"] for m in labels}
+    warms = {m: min(max(a["warmup"], 1), 2) if m == "recompute" else max(a["warmup"], 1) for m in labels}
+    methods_now, rows = list(labels), []  # a compiled arm leaves when compilation fails
     bar = progress_bar(len(a["sizes"]) * sum(counts[m] + warms[m] for m in methods_now), "decode", "step", progress)
     try:
         for n in a["sizes"]:
-            if "streaming-compiled" in methods_now:  # a fresh compiled forward per size (shapes differ)
-                torch._dynamo.reset()
-                fwd = Forward(model, compile=True)
+            torch._dynamo.reset()  # fresh compiled forwards per size (shapes differ)
+            fwds = {suffix: Forward(m, compile=True) for suffix, m in models.items()}
             ids = torch.randint(0, vocab, (1, n + FILL_EXTRA), generator=gen).to(model.device)
             toks = torch.randint(0, vocab, (max(counts.values()) + max(warms.values()), 1, 1), generator=gen)
             toks = toks.to(model.device)
@@ -108,24 +123,28 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
                 bar.set_description(f"decode N={n} fill {m}")
                 release_freed_memory()
                 before = mem.current()
-                arms[m] = Arm(m, fwd, n, ids, a["sink_size"], last_only=a["recompute_logits"] == "last")
-                if m == "streaming-compiled":
+                method, _, label = m.partition("@")
+                arms[m] = Arm(method, fwds[f"@{label}" if label else ""], n, ids, a["sink_size"],
+                              last_only=a["recompute_logits"] == "last", gguf=gguf)
+                if method in COMPILED:
                     try:
                         before += _compile(arms[m], toks, mem)
                     except Exception as err:  # no C++ compiler, unsupported backend, ...
-                        warnings.warn(f"torch.compile failed, dropping the {m} arm: {type(err).__name__}: "
-                                      f"{(str(err).splitlines() or [''])[0]}", RuntimeWarning, stacklevel=2)
+                        why = str(err) if isinstance(err, _FellBack) else \
+                            f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
+                        warnings.warn(f"torch.compile failed, dropping the {m} arm: {why}", RuntimeWarning,
+                                      stacklevel=2)
                         methods_now.remove(m)
                         del arms[m]
                         continue
                 release_freed_memory()
-                fwd.sync()
+                arms[m].fwd.sync()
                 mem.reset_peak()
                 for tok in toks[: warms[m]]:  # untimed: warm-up and memory probe
                     arms[m].step(tok)
                     arms[m].after()
                     bar.update(1)
-                fwd.sync()
+                arms[m].fwd.sync()
                 peaks[m] = baseline + mem.peak() - before
             if not arms:  # every arm dropped
                 continue
@@ -134,9 +153,11 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
             for m, arm in arms.items():
                 arm.check_held()
                 stats = latency_stats(times[m])
+                limit = None if m == "llama.cpp" else limit_ms(arm.fwd.model, n + 1, bandwidth)
                 rows.append({"size": n, "method": m, "steps": stats.pop("n"), **stats,
                              "state_mib": 0.0 if arm.state is None else storage_bytes(arm.state) / MIB,
-                             "peak_mib": peaks[m] / MIB, "mem_source": mem.source})
+                             "peak_mib": peaks[m] / MIB, "mem_source": mem.source, "limit_ms": limit,
+                             "vs_limit": None if limit is None else stats["median_ms"] / limit})
             add_ratios(rows)
             if on_row is not None:
                 for r in rows[-len(arms):]:
@@ -149,13 +170,31 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
 
 def _compile(arm: Arm, toks: torch.Tensor, mem: PeakMemory) -> int:
     """Compile the arm's step in two untimed steps; returns the compiler's own memory (bytes),
-    which is not the arm's."""
+    which is not the arm's. Raises RuntimeError when the step fell back to eager."""
     release_freed_memory()
     built = mem.current()
     for tok in toks[:2]:
         arm.step(tok)
+        arm.after()
+    if arm.method == "streaming-compiled" and not arm.fwd.decode.compiled:
+        raise _FellBack(arm.fwd.decode.failure)
     release_freed_memory()
     return mem.current() - built
+
+
+class _FellBack(RuntimeError):
+    """The compiled decode step failed and fell back to eager (the message says why)."""
+
+
+def _llama_ready(gguf) -> bool:
+    """Whether the llama.cpp arm can run; says why not (RuntimeWarning) when it cannot."""
+    from .llamacpp import available
+
+    why = ("the model was not loaded from a GGUF file" if gguf is None
+           else None if available() else "llama-cpp-python is not installed (pip install 'streamingllm[llamacpp]')")
+    if why:
+        warnings.warn(f"skipping the llama.cpp arm: {why}", RuntimeWarning, stacklevel=3)
+    return why is None
 
 
 def _interleave(arms: dict[str, Arm], counts: dict, warms: dict, toks, steps: int, block: int, bar) -> dict:

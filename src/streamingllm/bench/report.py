@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from ..report import format_table, pyplot, save_figure
-from .decode import METHODS
 from .stats import speedups
 from .stream import STREAM_METHODS, StreamResult
 
@@ -24,13 +23,40 @@ STYLES = {
     "dense": dict(color="tab:orange", ls="--", marker="o", ms=10, mfc="none", mew=1.5, zorder=3,
                   label="dense (DynamicCache)"),
     "recompute": dict(color="tab:red", ls="-", marker="^", ms=5, zorder=2, label="sliding window + re-computation"),
+    "dense-compiled": dict(color="tab:brown", ls=":", marker="D", ms=6, mfc="none", zorder=3,
+                           label="dense, compiled (StaticCache)"),
+    "llama.cpp": dict(color="black", ls="--", marker="x", ms=7, zorder=3, label="llama.cpp (same GGUF)"),
 }
+VARIANT_COLORS = ("tab:purple", "tab:cyan", "tab:olive", "tab:pink", "tab:gray")
 STREAMING = ("streaming", "streaming-compiled")
-SHORT = {"streaming": "stream", "streaming-compiled": "compiled", "dense": "dense", "recompute": "recompute"}
+SHORT = {"streaming": "stream", "streaming-compiled": "compiled", "dense": "dense", "dense-compiled": "dense-c",
+         "recompute": "recompute", "llama.cpp": "llama.cpp"}
+BASELINES = (("dense", "vs_dense"), ("dense-compiled", "vs_dense_compiled"), ("llama.cpp", "vs_llamacpp"))
 
 
-def _present(rows: Sequence[dict], methods: Sequence[str]) -> list[str]:
-    return [m for m in methods if any(r["method"] == m for r in rows)]
+def _present(rows: Sequence[dict], methods: Sequence[str] | None = None) -> list[str]:
+    """The methods of ``rows`` in ``methods``' order (when given), else in the rows' order."""
+    seen = list(dict.fromkeys(r["method"] for r in rows))
+    return seen if methods is None else [m for m in methods if m in seen]
+
+
+def _streaming(method: str) -> bool:
+    """A streaming arm, at any precision (``streaming@bfloat16+int8``)."""
+    return method.partition("@")[0] in STREAMING
+
+
+def _short(method: str) -> str:
+    base, _, label = method.partition("@")
+    return SHORT[base] + (f"@{label}" if label else "")
+
+
+def _style(method: str, variants: list[str]) -> dict:
+    """The line style of an arm: its own, or for another precision its arm's in a colour of its own."""
+    base, _, label = method.partition("@")
+    if not label:
+        return STYLES[base]
+    color = VARIANT_COLORS[variants.index(label) % len(VARIANT_COLORS)]
+    return {**STYLES[base], "color": color, "label": f"{STYLES[base]['label']}, {label}"}
 
 
 def plot_decode(rows: Sequence[dict], path, title: str | None = None) -> Path:
@@ -38,17 +64,18 @@ def plot_decode(rows: Sequence[dict], path, title: str | None = None) -> Path:
     scale; the streaming speed-ups over re-computation written above its points), peak memory,
     cache storage and, with a dense arm, each streaming arm's latency relative to dense."""
     plt = pyplot()
-    sizes, methods = sorted({r["size"] for r in rows}), _present(rows, METHODS)
-    ratios = "dense" in methods and any(m in STREAMING for m in methods)
+    sizes, methods = sorted({r["size"] for r in rows}), _present(rows)
+    variants = list(dict.fromkeys(m.partition("@")[2] for m in methods if "@" in m))
+    ratios = "dense" in methods and any(_streaming(m) for m in methods)
     fig, axes = plt.subplots(1, 4 if ratios else 3, figsize=(21 if ratios else 16, 4.8))
     keys = ("median_ms", "peak_mib", "state_mib", "vs_dense")
     for m in methods:
         pts = sorted((r for r in rows if r["method"] == m), key=lambda r: r["size"])
         for ax, key in zip(axes, keys):
-            if key != "vs_dense" or m in STREAMING:
-                ax.plot([r["size"] for r in pts], [r[key] for r in pts], **STYLES[m])
+            if key != "vs_dense" or _streaming(m):
+                ax.plot([r["size"] for r in pts], [r[key] for r in pts], **_style(m, variants))
     rec = {r["size"]: r["median_ms"] for r in rows if r["method"] == "recompute"}
-    for k, m in enumerate(x for x in STREAMING if x in methods):
+    for k, m in enumerate(x for x in STREAMING if x in methods and rec):
         for n, s in speedups(rows, method=m).items():
             axes[0].annotate(f"{s:.0f}x" if s >= 10 else f"{s:.1f}x", (n, rec[n]), textcoords="offset points",
                              xytext=(0, 8 + 11 * k), ha="center", fontsize=8, color=STYLES[m]["color"])
@@ -97,17 +124,19 @@ def plot_stream(rows: Sequence[dict], path, title: str | None = None) -> Path:
 
 def decode_table(rows: Sequence[dict]) -> str:
     """A terminal table: one line per cache size, the methods side by side, and a legend line."""
-    methods = _present(rows, METHODS)
+    methods = _present(rows)
     by = {(r["size"], r["method"]): r for r in rows}
     cols = []  # (header, method, key, format, unit)
     for m in methods:
-        cols += [(f"{SHORT[m]} ms", m, "median_ms", ".2f", ""), ("p90", m, "p90_ms", ".2f", ""),
+        cols += [(f"{_short(m)} ms", m, "median_ms", ".2f", ""), ("p90", m, "p90_ms", ".2f", ""),
                  ("peak MiB", m, "peak_mib", ".0f", "")]
-    for m in (x for x in STREAMING if x in methods):
-        if "dense" in methods:
-            cols.append((f"{SHORT[m]}/dense", m, "vs_dense", ".3f", ""))
+    for m in (x for x in methods if _streaming(x)):
+        for arm, key in BASELINES:
+            if arm in methods:
+                cols.append((f"{_short(m)}/{SHORT[arm]}", m, key, ".3f", ""))
         if "recompute" in methods:
-            cols.append((f"{SHORT[m]} speed-up", m, "speedup_vs_recompute", ".1f", "x"))
+            cols.append((f"{_short(m)} speed-up", m, "speedup_vs_recompute", ".1f", "x"))
+        cols.append((f"{_short(m)}/limit", m, "vs_limit", ".2f", ""))
 
     def cell(n, m, key, fmt, unit):
         v = by.get((n, m), {}).get(key)
@@ -118,7 +147,8 @@ def decode_table(rows: Sequence[dict]) -> str:
                          first_left=False)
     return (f"{table}\nms = median per-token latency, p90 = 90th percentile (ms); peak = peak memory with the model "
             f"and that arm only ({rows[0]['mem_source'] if rows else ''}); X/dense = median ratio; "
-            "speed-up = recompute median / X median")
+            "speed-up = recompute median / X median; X/limit = median / the memory-bandwidth limit (weights and "
+            "KV read once, at the measured copy bandwidth)")
 
 
 def stream_table(result: StreamResult) -> str:

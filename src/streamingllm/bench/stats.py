@@ -43,10 +43,13 @@ def speedups(rows: Iterable[dict], baseline: str = "recompute", method: str = "s
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Fill ``vs_dense`` (median / dense median) and ``speedup_vs_recompute`` (recompute median /
-    median) in each decode row; None where that arm did not run at the row's size."""
+    """Fill ``vs_dense``, ``vs_dense_compiled``, ``vs_llamacpp`` (median / that arm's median) and
+    ``speedup_vs_recompute`` (recompute median / median) in each decode row; None where that arm
+    did not run at the row's size."""
     med = _medians(rows)
     for r in rows:
-        d, rc = med.get((r["size"], "dense")), med.get((r["size"], "recompute"))
-        r["vs_dense"] = r["median_ms"] / d if d else None
+        for key, arm in (("vs_dense", "dense"), ("vs_dense_compiled", "dense-compiled"), ("vs_llamacpp", "llama.cpp")):
+            other = med.get((r["size"], arm))
+            r[key] = r["median_ms"] / other if other else None
+        rc = med.get((r["size"], "recompute"))
         r["speedup_vs_recompute"] = rc / r["median_ms"] if rc else None

@@ -20,6 +20,7 @@ DEFAULT_TEXT = ("The quick brown fox jumps over the lazy dog. A journey of a tho
 
 def register(sub) -> None:
     from ..models import DEFAULT_MODEL, DTYPES
+    from ..precision import QUANTIZE
 
     p = add_parser(sub, "attention", "attention maps and attention-sink statistics per layer", DESCRIPTION)
     p.add_argument("text", nargs="?", default=None, help="the text (default: a few proverbs); '-' reads stdin")
@@ -31,6 +32,7 @@ def register(sub) -> None:
                    help="also a random-weight twin of --model (no sinks expected): a baseline")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     p.add_argument("--device", default="cpu", help="torch device")
+    p.add_argument("--quantize", default="none", choices=list(QUANTIZE), help="CPU: int8 linear weights (as for generate)")
     p.add_argument("--num-tokens", type=int, default=256, help="tokens of the text the statistics use")
     p.add_argument("--map-tokens", type=int, default=16, help="tokens shown in the maps")
     p.add_argument("--layers", type=int, nargs="+", help="layers in the maps (default: all, up to 16 evenly spread)")
@@ -57,16 +59,17 @@ def run(args) -> int:
     text = DEFAULT_TEXT if args.text is None and args.text_file is None else read_prompt(args.text, args.text_file)
     pyplot()
     args.out.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load(args.model, args.dtype, args.device)
+    model, tokenizer = load(args.model, args.dtype, args.device, quantize=args.quantize)
     ids = tokenizer(text, add_special_tokens=True).input_ids[: args.num_tokens]
     if len(ids) <= args.k:
         raise ArgumentError("k", f"must be smaller than the text's {len(ids)} tokens", args.k)
     label = model_label(args.model)
     runs = [(label, model, ids)]
     if args.random_weights:
-        runs.append((f"{label} (random weights)", load(args.model, args.dtype, args.device, random_weights=True)[0], ids))
+        runs.append((f"{label} (random weights)",
+                     load(args.model, args.dtype, args.device, random_weights=True, quantize=args.quantize)[0], ids))
     for name in args.compare:
-        other, other_tokenizer = load(name, args.dtype, args.device)
+        other, other_tokenizer = load(name, args.dtype, args.device, quantize=args.quantize)
         # each model reads the text as its own tokenizer writes it (a sink-token checkpoint's <sink> first)
         other_ids = ids if other_tokenizer is None else other_tokenizer(text).input_ids[: args.num_tokens]
         runs.append((model_label(name), other, other_ids))

@@ -17,6 +17,7 @@ from ..checks import ArgumentError, check_int
 from .options import add_cache_options, add_model_options, add_parser, load_model
 from ..report import pyplot, write_csv
 from ..bench.decode import DECODE_COLUMNS, METHODS, bench_decode, check_decode_args
+from ..bench.llamacpp import gguf_of
 from ..bench.report import decode_table, load_average, machine_info, plot_decode, plot_stream, stream_table
 from ..bench.stream import STREAM_COLUMNS, STREAM_METHODS, bench_stream, check_stream_args
 
@@ -38,6 +39,9 @@ def register(sub) -> None:
                    help="recompute arm: 'all' tokens' logits, as a plain forward (the paper's baseline), "
                    "or the 'last' only")
     d.add_argument("--sink-size", type=int, default=4, help="attention-sink tokens of the streaming cache")
+    d.add_argument("--variants", nargs="+", default=[], metavar="DTYPE[+QUANTIZE]",
+                   help="the streaming arms also on the model at these precisions, side by side "
+                   "(e.g. bfloat16 bfloat16+int8 float32+int8)")
     s = add_parser(what, "stream", "latency and memory against tokens streamed: streaming vs dense")
     s.add_argument("--num-tokens", type=int, default=20000,
                    help="tokens to stream per arm (more than the streaming cache holds)")
@@ -77,6 +81,23 @@ def _read_text(args) -> str | None:
     return text
 
 
+def _variants(args) -> dict[str, tuple[str, str]]:
+    """``--variants`` as ``{label: (dtype, quantize)}``, each checked before anything is loaded."""
+    from ..models import check_dtype
+    from ..precision import check_quantize
+
+    out = {}
+    for v in args.variants:
+        dtype, _, quantize = v.partition("+")
+        try:
+            check_dtype(dtype)
+            check_quantize(quantize or "none", args.device)
+        except ArgumentError as err:
+            raise ArgumentError("variants", f"takes DTYPE[+QUANTIZE] ({err})", v) from None
+        out[v] = (dtype, quantize or "none")
+    return out
+
+
 def _show(v) -> str:
     return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
@@ -86,6 +107,7 @@ def run(args) -> int:
     check = check_decode_args if args.what == "decode" else check_stream_args
     a = check(**{k: getattr(args, k) for k in inspect.signature(check).parameters})  # before loading anything
     text = _read_text(args) if args.what == "stream" else None
+    variants = _variants(args) if args.what == "decode" else {}
     pyplot()  # the plots' extra, before the run rather than after
     if args.threads is not None:
         torch.set_num_threads(check_int("threads", args.threads, 1))
@@ -107,7 +129,9 @@ def run(args) -> int:
             print(f"  N={r['size']} {r['method']}: median {r['median_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, "
                   f"peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
 
-        rows = bench_decode(model, **a, seed=args.seed, progress=not args.no_progress, on_row=report)
+        gguf = None if args.random_weights else gguf_of(args.model)
+        rows = bench_decode(model, **a, seed=args.seed, progress=not args.no_progress, on_row=report, gguf=gguf,
+                            variants={v: load_model(args, *variant)[0] for v, variant in variants.items()})
         print(decode_table(rows))
         files = [write_csv(rows, out / "decode.csv", DECODE_COLUMNS), plot_decode(rows, out / "decode.png", title)]
     else:

@@ -7,8 +7,8 @@ import signal
 import sys
 import threading
 
-from .options import (add_cache_options, add_generation_options, add_model_options, add_parser,
-                      check_generation_options, load_model)
+from .options import (add_cache_options, add_compile_option, add_generation_options, add_model_options, add_parser,
+                      check_generation_options, load_model, say)
 from .remote import RemoteSession, ServerError
 
 
@@ -25,6 +25,7 @@ def register(sub) -> None:
     c.add_argument("--api-key", default=os.environ.get("STREAMINGLLM_API_KEY"),
                    help="with --server: the server's API key (default: $STREAMINGLLM_API_KEY)")
     add_model_options(c)
+    add_compile_option(c)
     add_cache_options(c)
     add_generation_options(c)
     c.set_defaults(run=run)
@@ -34,12 +35,14 @@ def run(args) -> int:
     sampling = check_generation_options(args, min_new_tokens=1)
     if args.server is not None:
         return _run_remote(args, sampling)
+    from ..compiled import DecodeStep
     from ..session import Session
 
     model, tokenizer = load_model(args)
     session = Session(model, tokenizer, args.sink_size, args.window_size, system=args.system, sampling=sampling,
                       max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
-                      min_new_tokens=args.min_new_tokens, stop=args.stop, pin_system=args.pin_system)
+                      min_new_tokens=args.min_new_tokens, stop=args.stop, pin_system=args.pin_system,
+                      compile=DecodeStep(model, args.compile, on_compile=say))
     cache, interactive = session.cache, sys.stdin.isatty()
     if interactive:
         _line_editing()

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from ..checks import ArgumentError
-from .options import (add_cache_options, add_generation_options, add_model_options, add_parser,
-                      check_generation_options, load_model)
+from .options import (add_cache_options, add_compile_option, add_generation_options, add_model_options, add_parser,
+                      check_generation_options, load_model, say)
 
 STATS_EVERY = 256  # tokens between --stats lines
 
@@ -23,6 +23,7 @@ def register(sub) -> None:
     g.add_argument("--stats", action="store_true",
                    help=f"print prefill and decode speed, cache fill and resident memory to stderr every {STATS_EVERY} tokens")
     add_model_options(g)
+    add_compile_option(g)
     add_cache_options(g)
     add_generation_options(g)
     g.set_defaults(run=run)
@@ -51,6 +52,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
 
 def run(args) -> int:
     from ..cache import SinkCache
+    from ..compiled import DecodeStep
     from ..feed import generate_tokens
     from ..memory import MIB, rss_bytes
     from ..report import progress_bar
@@ -85,7 +87,8 @@ def run(args) -> int:
     decoder, count = TextDecoder(tokenizer), 0
     for token in generate_tokens(model, cache, ids, args.max_new_tokens, sampling, stops, chunk_size=args.chunk_size,
                                  exact_prefill=not args.fast_prefill, prefill_progress=prefilled,
-                                 min_new_tokens=min(args.min_new_tokens, args.max_new_tokens)):
+                                 min_new_tokens=min(args.min_new_tokens, args.max_new_tokens),
+                                 compile=DecodeStep(model, args.compile, on_compile=say)):
         if count == 0:
             bar.close()
             if args.stats:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 
 from ..models import DEFAULT_MODEL, DTYPES
+from ..compiled import COMPILE
+from ..precision import QUANTIZE
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
@@ -25,22 +27,39 @@ def add_parser(sub, name: str, help: str, description: str | None = None) -> arg
 
 
 def add_model_options(p: argparse.ArgumentParser, random_weights: bool = False) -> None:
-    """``--model``, ``--dtype``, ``--device`` (and ``--random-weights``, ``--seed`` when asked)."""
+    """``--model``, ``--dtype``, ``--device``, ``--quantize`` (and ``--random-weights``, ``--seed`` when asked)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help="the embedded default model, a transformers folder, a .gguf file or a hub id")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps, ...")
+    p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
+                   help="CPU: int8 weight-only linears (with --dtype bfloat16 and --compile on: the fastest)")
     if random_weights:
         p.add_argument("--random-weights", action="store_true",
                        help="the model's architecture with random weights (no tokenizer, no gguf needed)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
 
 
-def load_model(args):
-    """``(model, tokenizer)`` from the options of :func:`add_model_options`."""
+def add_compile_option(p: argparse.ArgumentParser) -> None:
+    """``--compile``: the decode step compiled once the cache is full (:mod:`streamingllm.compiled`)."""
+    p.add_argument("--compile", default="auto", choices=list(COMPILE),
+                   help="compile the decode step once the cache is full: auto = on CUDA (CUDA graphs); on the CPU "
+                   "it pays with --dtype bfloat16 --quantize int8 and takes a minute or two to compile")
+
+
+def say(line: str) -> None:
+    """A status line on stderr (a compilation's warm-up, say)."""
+    import sys
+
+    print(f"streamingllm: {line}", file=sys.stderr, flush=True)
+
+
+def load_model(args, dtype: str | None = None, quantize: str | None = None):
+    """``(model, tokenizer)`` from the options of :func:`add_model_options` (``dtype`` and
+    ``quantize``, when given, instead of ``--dtype`` and ``--quantize``)."""
     from ..models import load
 
-    return load(args.model, dtype=args.dtype, device=args.device,
+    return load(args.model, dtype=dtype or args.dtype, device=args.device, quantize=quantize or args.quantize,
                 random_weights=getattr(args, "random_weights", False), seed=getattr(args, "seed", 0) or 0)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .options import add_cache_options, add_model_options, add_parser
+from .options import add_cache_options, add_compile_option, add_model_options, add_parser
 
 DESCRIPTION = """\
 An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models), streamed
@@ -34,6 +34,7 @@ def register(sub) -> None:
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
     add_model_options(s)
+    add_compile_option(s)
     add_cache_options(s)
     s.set_defaults(run=run)
 
@@ -47,7 +48,7 @@ def run(args) -> int:
                               max_batch=args.max_batch, max_queue=args.max_queue, max_sessions=args.max_sessions,
                               max_cache_mib=args.max_cache_mib, state_dir=args.state_dir,
                               max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                              max_body_mib=args.max_body_mib, api_key=args.api_key).check()
+                              max_body_mib=args.max_body_mib, api_key=args.api_key, compile=args.compile).check()
     check_int("port", args.port, 0, 65535)
     uvicorn = require("uvicorn", "the server")
     from .options import load_model

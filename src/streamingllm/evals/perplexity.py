@@ -311,26 +311,35 @@ def score_dense(model, ids: torch.Tensor, chunk_size: int = 256, progress: Progr
     return Scores(Setting("dense"), np.arange(1, len(ids)), torch.cat(parts).numpy(), time.perf_counter() - t0)
 
 
+#: Tokens per re-computation forward, all windows of the batch together (see :func:`score_recompute`).
+RECOMPUTE_BATCH_TOKENS = 4096
+
+
 def recompute_tokens(n_tokens: int, every: int) -> np.ndarray:
     """Indices of the tokens ``recompute`` scores: every ``every``-th of ``1 .. n_tokens - 1``."""
     return np.arange(every, n_tokens, every)
 
 
 def score_recompute(
-    model, ids: torch.Tensor, context: int, every: int = 1, progress: Progress | None = None
+    model, ids: torch.Tensor, context: int, every: int = 1, progress: Progress | None = None,
+    batch_tokens: int = RECOMPUTE_BATCH_TOKENS,
 ) -> Scores:
     """``recompute``: token t is predicted by a fresh forward over ``ids[t - 1 - context : t]``.
 
     The tokens ``t <= context + 1`` all share one forward over the text's first ``context + 1``
-    tokens (their windows are its prefixes); every later scored token costs one forward of
-    ``context + 1`` tokens, as in the paper.
+    tokens (their windows are its prefixes); every later scored token costs a window of
+    ``context + 1`` tokens, as in the paper, and the windows go through the model as batches of
+    about ``batch_tokens`` tokens (the strongest re-computation: one window per forward leaves
+    a GPU idle).
 
     Args:
         context: tokens before ``t - 1`` the model may see (the cache size L).
         every: score only every ``every``-th token (>= 1).
+        batch_tokens: tokens per forward, all windows together (>= 1; one window at least).
     """
     context = check_int("context", context, 1)
     every = check_int("every", every, 1)
+    batch = max(1, check_int("batch_tokens", batch_tokens, 1) // (context + 1))
     ids = ids.to(model.device)
     wanted = recompute_tokens(len(ids), every)
     out, t0 = [], time.perf_counter()
@@ -340,11 +349,13 @@ def score_recompute(
         out.append(_nll(logits[early - 1], ids[early]))
         if progress:
             progress(len(early))
-    for t in wanted[wanted > context + 1]:
-        t = int(t)
-        out.append(_nll(recompute_forward(model, ids[t - 1 - context : t][None]), ids[t : t + 1]))
+    late = wanted[wanted > context + 1]
+    windows = ids.unfold(0, context + 1, 1)  # window starting at s: ids[s : s + context + 1], a view
+    for k in range(0, len(late), batch):
+        t = torch.as_tensor(late[k : k + batch], device=ids.device)
+        out.append(_nll(recompute_forward(model, windows[t - 1 - context]), ids[t]))
         if progress:
-            progress(1)
+            progress(len(t))
     nll = torch.cat(out).numpy() if out else np.zeros(0)
     return Scores(Setting("recompute", 0, context), wanted, nll, time.perf_counter() - t0, every)
 

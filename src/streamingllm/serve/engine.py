@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import sys
 import threading
 import time
 import traceback
@@ -28,6 +29,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..cache import SinkCache
+from ..compiled import DecodeStep
 from ..feed import Sampling, decode_rows, iter_chunks, token_logprobs
 from ..session import Session, StopStrings, TextDecoder, Turn, stop_token_ids
 from .sessions import Entry, SessionStore
@@ -103,12 +105,15 @@ class Engine:
         max_tokens: the reply limit when a request gives none.
         penalty_last_n: tokens the repetition/presence/frequency penalties look at.
         metrics: optional :class:`~streamingllm.serve.metrics.Metrics` to record into.
+        compile: a lone request's decode steps compiled (``"auto"``: on CUDA); the warm-up is said
+            on stderr (:class:`~streamingllm.compiled.DecodeStep`).
     """
 
     def __init__(self, model, tokenizer, sink_size: int, window_size: int, store: SessionStore, *,
                  chunk_size: int = 256, max_batch: int = 8, max_queue: int = 64, max_prompt_tokens: int = 65536,
-                 max_tokens: int = 512, penalty_last_n: int = 64, metrics=None):
+                 max_tokens: int = 512, penalty_last_n: int = 64, metrics=None, compile: str | bool = "auto"):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
+        self.decode = DecodeStep(model, compile, on_compile=lambda line: print(line, file=sys.stderr, flush=True))
         self.sink_size, self.window_size = sink_size, window_size
         self.chunk_size, self.max_batch, self.max_queue = chunk_size, max_batch, max_queue
         self.max_prompt_tokens, self.max_tokens, self.penalty_last_n = max_prompt_tokens, max_tokens, penalty_last_n
@@ -258,7 +263,7 @@ class Engine:
         if not going:
             return
         try:
-            logits = decode_rows(self.model, [j.cache for j in going], tokens)
+            logits = decode_rows(self.model, [j.cache for j in going], tokens, self.decode)
         except Exception as err:  # the rows' caches may be written in part: fail the rows of this step
             traceback.print_exc()
             for job in going:

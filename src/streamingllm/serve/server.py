@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..checks import ArgumentError, check_int
+from ..checks import ArgumentError, check_choice, check_int
+from ..compiled import COMPILE
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,8 @@ class ServerSettings:
         max_body_mib: request bodies larger than this are refused (413; MiB).
         api_key: required as ``Authorization: Bearer <key>`` on /v1/* when set.
         penalty_last_n: tokens the repetition penalties look at.
+        compile: a lone request's decode steps compiled: ``"auto"`` (on CUDA), ``"on"``, ``"off"``
+            (:mod:`streamingllm.compiled`).
     """
 
     sink_size: int = 4
@@ -39,11 +42,13 @@ class ServerSettings:
     max_body_mib: float = 8.0
     api_key: str | None = None
     penalty_last_n: int = 64
+    compile: str = "auto"
 
     def check(self) -> ServerSettings:
         from ..cache import check_cache_sizes
 
         check_cache_sizes(self.sink_size, self.window_size)
+        check_choice("compile", self.compile, list(COMPILE))
         for name, low in (("chunk_size", 1), ("max_batch", 1), ("max_queue", 0), ("max_sessions", 1),
                           ("max_prompt_tokens", 1), ("max_tokens", 1), ("penalty_last_n", 0)):
             check_int(name, getattr(self, name), low)
@@ -72,7 +77,7 @@ def build_app(model, tokenizer, model_name: str, settings: ServerSettings):
                          None if s.max_cache_mib is None else int(s.max_cache_mib * 2**20), s.state_dir)
     engine = Engine(model, tokenizer, s.sink_size, s.window_size, store, chunk_size=s.chunk_size,
                     max_batch=s.max_batch, max_queue=s.max_queue, max_prompt_tokens=s.max_prompt_tokens,
-                    max_tokens=s.max_tokens, penalty_last_n=s.penalty_last_n)
+                    max_tokens=s.max_tokens, penalty_last_n=s.penalty_last_n, compile=s.compile)
     engine_ref["engine"] = engine
     app = create_app(engine, store, model_name, api_key=s.api_key, max_body_bytes=int(s.max_body_mib * 2**20))
     engine.start()
