@@ -116,9 +116,9 @@ class ConcatStep(Step):
 
     @property
     def query_sink_deltas(self) -> tuple[int, ...]:
-        """Per new token: the rotation that moves its query from the model's position to where it
-        sees the stored sinks (minus its group's sink rotation; the last ``groups - 1`` tokens have
-        overflowed, one more each)."""
+        """Per new token: the rotation that moves its query from the model's position to the one it
+        sees the stored sinks from, i.e. minus its group's sink rotation (the first ``q - groups + 1``
+        tokens are in group 0, each later one a group further)."""
         first = self.q - self.groups  # tokens before the first overflowing one
         return tuple(-(self.sink_delta + max(0, i - first)) for i in range(self.q))
 

@@ -25,6 +25,9 @@ from tiny import tiny_config
     (["bench", "stream", "--text-file", "x.txt"], "--text-file is for --mode teacher-forced"),
     (["bench", "decode", "--threads", "0"], "--threads must be an integer >= 1"),
     (["bench", "decode", "--recompute-logits", "none"], "--recompute-logits must be one of all, last, got 'none'"),
+    (["bench", "decode", "--variants", "bfloat16+int4"],
+     "--variants takes DTYPE[+QUANTIZE] (quantize must be one of none, int8, got 'int4'), got 'bfloat16+int4'"),
+    (["bench", "decode", "--variants", "float8"], "--variants takes DTYPE[+QUANTIZE] (dtype must be one of"),
 ])
 def test_cli_bench_bad_arguments(argv, message, capsys):
     assert main(argv) == 2  # refused before any model is loaded

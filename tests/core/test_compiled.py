@@ -129,3 +129,27 @@ def test_a_ring_step_writes_every_layers_sinks_at_once():
     cache.sinks.rotate_into_buffers = lambda *a: (calls.append(a), original(*a))
     cache.prepare_decode_step()
     assert len(calls) == 1
+
+
+def test_a_servers_lone_stream_goes_the_compiled_way(monkeypatch):
+    """decode_rows with one stream and a DecodeStep (what the server's engine passes) runs that
+    stream's steps prepared, with the logits of the ordinary forward; several streams stay batched."""
+    from streamingllm.feed import decode_rows
+
+    model, prepared = tiny_model("llama"), []
+
+    def identity_compile(fn, **kwargs):
+        def run(*args, **kw):
+            prepared.append(kw["position_ids"])
+            return fn(*args, **kw)
+        return run
+
+    monkeypatch.setattr(torch, "compile", identity_compile)
+    ids = torch.randint(0, VOCAB, (1, 60), generator=torch.Generator().manual_seed(5))
+    step = DecodeStep(model, "on")
+    out = {}
+    for name, decode in (("plain", None), ("compiled", step)):
+        cache = SinkCache(model, 4, 16)
+        prefill(model, cache, ids[:, :30])
+        out[name] = torch.stack([decode_rows(model, [cache], ids[0, t : t + 1], decode) for t in range(30, 60)])
+    assert len(prepared) == 30 and (out["compiled"] - out["plain"]).abs().max().item() <= TOL
