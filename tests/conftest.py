@@ -31,6 +31,45 @@ def assert_png():
     return _assert_png
 
 
+class CompiledCalls:
+    """What the compiled functions were called with, while ``torch.compile`` is the identity.
+
+    Attributes:
+        functions: the functions ``torch.compile`` was given (bound methods: ``fn.__self__`` is the model).
+        calls: the keyword arguments of every call of a compiled function.
+        outputs: what each call returned.
+    """
+
+    def __init__(self):
+        self.functions, self.calls, self.outputs = [], [], []
+
+    @property
+    def positions(self) -> list:
+        return [kw.get("position_ids") for kw in self.calls]
+
+
+@pytest.fixture
+def compile_as_identity(monkeypatch):
+    """``torch.compile`` replaced by the identity (no C++ compiler, no compile time): the prepared,
+    static-shape path still runs exactly as compiled code would call it. Returns a
+    :class:`CompiledCalls` recording every call."""
+    import torch
+
+    record = CompiledCalls()
+
+    def identity_compile(fn, **kwargs):
+        record.functions.append(fn)
+
+        def run(*args, **kw):
+            record.calls.append(kw)
+            record.outputs.append(fn(*args, **kw))
+            return record.outputs[-1]
+        return run
+
+    monkeypatch.setattr(torch, "compile", identity_compile)
+    return record
+
+
 @pytest.fixture(scope="module")
 def smollm():
     """``(model, tokenizer)`` of the embedded default model, loaded once per test module (skipped

@@ -138,18 +138,9 @@ def test_bench_decode_bad_arguments(kwargs, error, message):
         bench.bench_decode(None, progress=False, **kwargs)  # rejected before the model is touched
 
 
-def test_compiled_dense_arm_holds_n_tokens_and_decodes_like_dense(llama, monkeypatch):
+def test_compiled_dense_arm_holds_n_tokens_and_decodes_like_dense(llama, compile_as_identity):
     """dense-compiled: a StaticCache of N + 1 slots whose new token's slot is given back after each
     step; with torch.compile as the identity, its logits are the DynamicCache arm's."""
-    outputs = []
-
-    def identity_compile(fn, **kwargs):
-        def run(*args, **kw):
-            outputs.append(fn(*args, **kw).logits)
-            return outputs[-1]
-        return run
-
-    monkeypatch.setattr(torch, "compile", identity_compile)
     ids = torch.randint(0, VOCAB, (1, 30), generator=torch.Generator().manual_seed(2))
     fwd = Forward(llama)
     static, dense = Arm("dense-compiled", fwd, 10, ids, 4, last_only=False), Arm("dense", fwd, 10, ids, 4, False)
@@ -159,7 +150,7 @@ def test_compiled_dense_arm_holds_n_tokens_and_decodes_like_dense(llama, monkeyp
         static.check_held()
         want = fwd(tok, dense.state)
         dense.after()
-        assert torch.allclose(outputs[-1], want, atol=1e-5)
+        assert torch.allclose(compile_as_identity.outputs[-1].logits, want, atol=1e-5)
 
 
 def test_variants_add_streaming_arms_and_every_row_has_its_bandwidth_limit(llama):

@@ -54,23 +54,14 @@ def test_bench_stream_repeats_given_ids(llama):
         bench.bench_stream(llama, 300, methods=["dense"], token_ids=[VOCAB], progress=False)
 
 
-def test_compiled_steps_generate_exactly_the_ordinary_tokens(llama, monkeypatch):
+def test_compiled_steps_generate_exactly_the_ordinary_tokens(llama, compile_as_identity):
     """compile=True runs every step after the cache filled prepared (SinkCache.prepare_decode_step,
     static shapes); torch.compile is the identity here, so the prepared path itself must generate
     the very tokens of ordinary steps and of feed.generate_tokens (greedy)."""
-    prepared = []
-
-    def identity_compile(fn, **kwargs):
-        def run(*args, **kw):
-            prepared.append(kw["position_ids"])
-            return fn(*args, **kw)
-        return run
-
-    monkeypatch.setattr(torch, "compile", identity_compile)
     kw = dict(num_tokens=60, sample_every=30, methods=["streaming"], window_size=16, token_ids=[93], progress=False,
               keep_ids=True)
     compiled = bench.bench_stream(llama, compile=True, **kw)
-    assert len(prepared) == 60 - 20  # every step after the cache (4 + 16) filled went the prepared way
+    assert len(compile_as_identity.calls) == 60 - 20  # every step after the cache (4 + 16) filled went the prepared way
     assert compiled.storage_unchanged
     plain = bench.bench_stream(llama, compile=False, **kw)
     reference = [int(t) for t in generate_tokens(llama, SinkCache(llama, 4, 16), [93], max_new_tokens=60)]

@@ -98,7 +98,7 @@ def test_generate_streams_past_the_cache_on_the_default_model():
 
 
 @pytest.mark.slow
-def test_generate_with_int8_weights_and_the_compiled_step(monkeypatch, capsys):
+def test_generate_with_int8_weights_and_the_compiled_step(compile_as_identity, capsys):
     """--dtype bfloat16 --quantize int8 --compile on, end to end on the default model (torch.compile
     stands in as the identity: a real compilation is tested in tests/core/test_compiled.py): the
     warm-up is announced once, and every step after the 4 + 28 cache filled went the prepared way."""
@@ -106,24 +106,15 @@ def test_generate_with_int8_weights_and_the_compiled_step(monkeypatch, capsys):
 
     from streamingllm.precision import Int8Linear
 
-    prepared, models = [], []
-
-    def identity_compile(fn, **kwargs):
-        models.append(fn.__self__)
-        def run(*args, **kw):
-            prepared.append(kw["position_ids"])
-            return fn(*args, **kw)
-        return run
-
-    monkeypatch.setattr(torch, "compile", identity_compile)
     argv = ["generate", "Once upon a time", "--dtype", "bfloat16", "--quantize", "int8", "--compile", "on",
             "--window-size", "28", "--max-new-tokens", "80"]
     assert main(argv) == 0
     out = capsys.readouterr()
     assert len(out.out.split()) > 20
     assert out.err.count("compiling the decode step for a 32-token cache") == 1
-    assert isinstance(models[0].lm_head, Int8Linear) and models[0].dtype == torch.bfloat16
-    assert len(prepared) >= 80 - 32
+    model = compile_as_identity.functions[0].__self__
+    assert isinstance(model.lm_head, Int8Linear) and model.dtype == torch.bfloat16
+    assert len(compile_as_identity.calls) >= 80 - 32
 
 
 @pytest.mark.slow

@@ -31,22 +31,14 @@ def test_compile_choices():
         DecodeStep(tiny_model("llama"), "yes")
 
 
-def test_prepared_steps_generate_what_ordinary_steps_do(monkeypatch):
+def test_prepared_steps_generate_what_ordinary_steps_do(compile_as_identity):
     """With torch.compile standing in as the identity, compile='on' runs every step after the cache
     filled prepared (static shapes), and generates the very tokens of ordinary steps."""
-    model, prepared = tiny_model("llama"), []
-
-    def identity_compile(fn, **kwargs):
-        def run(*args, **kw):
-            prepared.append(int(kw["position_ids"][0, 0]))
-            return fn(*args, **kw)
-        return run
-
-    monkeypatch.setattr(torch, "compile", identity_compile)
+    model = tiny_model("llama")
     plain = _sampled(model, "off")
     compiled = _sampled(model, "on")
     assert compiled == plain and len(set(plain[30:])) >= 5
-    assert len(prepared) == 70 - 1 - (20 - 3)  # every decode forward once the 4 + 16 cache was full
+    assert len(compile_as_identity.calls) == 70 - 1 - (20 - 3)  # every decode forward once the 4 + 16 cache was full
 
 
 def test_a_failed_compilation_says_why_and_decodes_eagerly(monkeypatch):
@@ -131,20 +123,12 @@ def test_a_ring_step_writes_every_layers_sinks_at_once():
     assert len(calls) == 1
 
 
-def test_a_servers_lone_stream_goes_the_compiled_way(monkeypatch):
+def test_a_servers_lone_stream_goes_the_compiled_way(compile_as_identity):
     """decode_rows with one stream and a DecodeStep (what the server's engine passes) runs that
-    stream's steps prepared, with the logits of the ordinary forward; several streams stay batched."""
+    stream's steps prepared, with the logits of the ordinary forward."""
     from streamingllm.feed import decode_rows
 
-    model, prepared = tiny_model("llama"), []
-
-    def identity_compile(fn, **kwargs):
-        def run(*args, **kw):
-            prepared.append(kw["position_ids"])
-            return fn(*args, **kw)
-        return run
-
-    monkeypatch.setattr(torch, "compile", identity_compile)
+    model = tiny_model("llama")
     ids = torch.randint(0, VOCAB, (1, 60), generator=torch.Generator().manual_seed(5))
     step = DecodeStep(model, "on")
     out = {}
@@ -152,4 +136,4 @@ def test_a_servers_lone_stream_goes_the_compiled_way(monkeypatch):
         cache = SinkCache(model, 4, 16)
         prefill(model, cache, ids[:, :30])
         out[name] = torch.stack([decode_rows(model, [cache], ids[0, t : t + 1], decode) for t in range(30, 60)])
-    assert len(prepared) == 30 and (out["compiled"] - out["plain"]).abs().max().item() <= TOL
+    assert len(compile_as_identity.calls) == 30 and (out["compiled"] - out["plain"]).abs().max().item() <= TOL
