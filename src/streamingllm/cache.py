@@ -851,10 +851,10 @@ class SinkCache(Cache):
         S, W, w, length = t.sink_size, t.window_size, t.window, t.length
         arange = lambda *a: torch.arange(*a, device=device)  # noqa: E731
         at = length + arange(q)[:, None]  # each query's index in the stream held (sinks first)
-        group = (at - S - W).clamp(min=0)  # how far its own window has overflowed: its copy of the sinks
         if self._scores_layout():  # one zero-key copy: each query's sink logits come from the attention
             sink_ok = arange(S)[None, :] <= at  # a sink sees the sinks up to itself
-        else:
+        else:  # one copy per group: how far the query's own window has overflowed
+            group = (at - S - W).clamp(min=0)
             copies = arange((length + q - S - W) * S)[None, :]
             sink_ok = (copies // max(S, 1) == group) & (copies % max(S, 1) <= at)
         # then the stored window and the new tokens, by stream index; sinks among them are seen through the copies

@@ -113,8 +113,10 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
     bar = progress_bar(len(a["sizes"]) * sum(counts[m] + warms[m] for m in methods_now), "decode", "step", progress)
     try:
         for n in a["sizes"]:
-            torch._dynamo.reset()  # fresh compiled forwards per size (shapes differ)
-            fwds = {suffix: Forward(m, compile=True) for suffix, m in models.items()}
+            compiled = any(m.partition("@")[0] in COMPILED for m in methods_now)
+            if compiled:
+                torch._dynamo.reset()  # fresh compiled forwards per size (shapes differ)
+            fwds = {suffix: Forward(m, compile=compiled) for suffix, m in models.items()}
             ids = torch.randint(0, vocab, (1, n + FILL_EXTRA), generator=gen).to(model.device)
             toks = torch.randint(0, vocab, (max(counts.values()) + max(warms.values()), 1, 1), generator=gen)
             toks = toks.to(model.device)
