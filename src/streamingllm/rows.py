@@ -6,7 +6,8 @@ real tokens: in each forward, row ``r``'s real tokens are its last ``k_r`` colum
 position ids the model passes to the cache (transformers computes them per row from the attention
 mask: pads get 0, real tokens ``0, 1, 2, ...``). It stacks the rows' keys and values, padded to the
 longest, and attaches the per-row mask (each row's own causal mask or exact band, shifted to its
-columns) that the sink-aware attention (:mod:`streamingllm.attention`) uses instead of the model's.
+columns) that the sink-aware attention (:mod:`streamingllm.attention`) uses instead of the model's
+(a hybrid model's sliding layers get each row's sliding-window mask instead of its causal one).
 
 The same machinery batches the decode steps of *independent* streams (the sessions of a server,
 each with its own cache, length and positions): :meth:`PaddedRows.stacked` takes one token per
@@ -37,14 +38,14 @@ class PaddedRows:
         self.columns = 0  # columns of the batch consumed (pads included): what generate() slices by
         self._new: list[int] = []
         self._positions: torch.Tensor | None = None
-        self._mask: torch.Tensor | None = None
+        self._masks: dict[int | None, torch.Tensor] = {}  # this forward's mask, per native window (None: global layers)
 
     def begin(self, positions: torch.Tensor | None, q: int) -> None:
         """Start a forward of ``q`` columns whose position ids are ``positions`` (batch, q)."""
         if self.stacked:
             if q != 1:
                 raise ValueError(f"SinkCache: stacked streams take one token each per forward, got {q}")
-            self._positions, self._new, self._mask = positions, [1] * len(self.rows), None
+            self._positions, self._new, self._masks = positions, [1] * len(self.rows), {}
             return
         if positions is None or positions.shape[0] != len(self.rows):
             raise ValueError("SinkCache: a padded batch needs the model's position ids for every row "
@@ -56,7 +57,7 @@ class PaddedRows:
             raise ValueError(
                 f"SinkCache: rows {bad} of this padded batch: their position ids do not continue the tokens they "
                 "consumed, or they have no real token in this forward; pass the attention_mask of the whole batch")
-        self._mask = None
+        self._masks = {}
         self.columns += q
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int):
@@ -69,17 +70,20 @@ class PaddedRows:
                                 position_ids=pos)
             keys.append(kr)
             values.append(vr)
-        if self._mask is None:
-            self._mask = self._build_mask(keys, q)
-        longest = self._mask.shape[-1]
+        window = self.rows[0].native_window(layer_idx)
+        mask = self._masks.get(window)
+        if mask is None:
+            mask = self._masks[window] = self._build_mask(keys, q, window)
+        longest = mask.shape[-1]
         pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[-2]))
         stacked = torch.cat([pad(t) for t in keys]), torch.cat([pad(t) for t in values])
-        attach_band(stacked[0], self._mask if self._mask.device == key_states.device else self._mask.to(key_states.device))
+        attach_band(stacked[0], mask if mask.device == key_states.device else mask.to(key_states.device))
         return stacked
 
-    def _build_mask(self, keys: list[torch.Tensor], q: int) -> torch.Tensor:
+    def _build_mask(self, keys: list[torch.Tensor], q: int, window: int | None = None) -> torch.Tensor:
         """(batch, 1, q, longest) additive mask: row r's own mask on its last k_r query columns and its
-        own keys; its pad columns see its first key only (their outputs are never used)."""
+        own keys; its pad columns see its first key only (their outputs are never used). ``window``:
+        the layers' own sliding window (tokens, the query included), or None for global layers."""
         longest = max(t.shape[-2] for t in keys)
         dtype, device = keys[0].dtype, keys[0].device
         allowed = torch.zeros((len(keys), 1, q, longest), dtype=torch.bool, device=device)
@@ -88,9 +92,10 @@ class PaddedRows:
             band = band_of(kr)
             if band is not None:  # the row's exact band for an overflowing chunk
                 allowed[r, 0, q - k :, :n] = band[0, 0] == 0
-            else:  # the row's causal mask, aligned to its last key
+            else:  # the row's causal (or sliding-window) mask, aligned to its last key
                 i = torch.arange(k, device=device)[:, None]
-                allowed[r, 0, q - k :, :n] = torch.arange(n, device=device)[None, :] <= n - k + i
+                j = torch.arange(n, device=device)[None, :]
+                allowed[r, 0, q - k :, :n] = (j <= n - k + i) & (j > n - k + i - (window or n + 1))
             allowed[r, 0, : q - k, 0] = True
         mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
         return mask.masked_fill_(~allowed, torch.finfo(dtype).min)

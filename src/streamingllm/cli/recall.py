@@ -28,6 +28,14 @@ def reader_factory(model, args):
     return lambda setting: make_reader(model, setting, args.chunk_size, args.max_dense_tokens)
 
 
+def stream_start(tokenizer) -> list[int]:
+    """``[bos]`` when the tokenizer begins a text with its ``<bos>`` token (Gemma's does, and reads
+    text after it), else nothing: how a stream begins."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    first = tokenizer("a").input_ids[:1]
+    return [bos] if bos is not None and first == [bos] else []
+
+
 def encoder(tokenizer):
     """``(encode, decode)``: text <-> token ids without special tokens added."""
     return (lambda text: tokenizer(text, add_special_tokens=False).input_ids,

@@ -86,6 +86,9 @@ class SinkStats:
         softmax_sink_share: (layers,) mean mass the softmax's own sink took (what the rows miss of
             1), over heads and queries >= 1: zero for a plain softmax, the "attend to nothing" share
             of SoftMax1 and learned sink logits (:mod:`streamingllm.sink_llama`).
+        layer_types: each layer's attention type (``config.layer_types``: ``"full_attention"`` or
+            ``"sliding_attention"``) for hybrid models, else None. A sliding layer sees the first
+            token only while the query is within its window: keep the text that short to compare types.
     """
 
     label: str
@@ -95,14 +98,36 @@ class SinkStats:
     uniform_first: float
     tokens: int
     softmax_sink_share: np.ndarray | None = None
+    layer_types: tuple[str, ...] | None = None
+
+    def by_type(self) -> dict[str, dict[str, float]]:
+        """Per layer type: its layers' count, and their mean ``sink_share`` and ``first_share``
+        (one type, ``"all"``, when the model does not name them)."""
+        types = self.layer_types or ("all",) * len(self.sink_share)
+        out = {}
+        for t in dict.fromkeys(types):
+            pick = np.array([x == t for x in types])
+            out[t] = {"layers": int(pick.sum()), "sink_share": float(self.sink_share[pick].mean()),
+                      "first_share": float(self.first_share[pick].mean())}
+        return out
 
 
-def sink_statistics(attentions: list[torch.Tensor], k: int = 4, label: str = "") -> SinkStats:
-    """:class:`SinkStats` of captured ``attentions`` (see :func:`capture`), for the first ``k`` tokens."""
+def layer_types(model) -> tuple[str, ...] | None:
+    """``model``'s per-layer attention types when it names them with more than one type, else None."""
+    from ..compat import text_config
+
+    types = getattr(text_config(model.config), "layer_types", None)
+    return tuple(types) if types and len(set(types)) > 1 else None
+
+
+def sink_statistics(attentions: list[torch.Tensor], k: int = 4, label: str = "",
+                    layer_types: tuple[str, ...] | None = None) -> SinkStats:
+    """:class:`SinkStats` of captured ``attentions`` (see :func:`capture`), for the first ``k`` tokens;
+    ``layer_types``: each layer's attention type, when the model has several (:func:`layer_types`)."""
     T = attentions[0].shape[-1]
     k = check_int("k", k, 1, T - 1)
     sink = np.array([float(a[:, k:, :k].sum(-1).mean()) for a in attentions])
     first = np.array([float(a[:, 1:, 0].mean()) for a in attentions])
     uniform = float(np.mean(1.0 / np.arange(2, T + 1)))
     virtual = np.array([float(1.0 - a[:, 1:, :].sum(-1).mean()) for a in attentions]).clip(min=0.0)
-    return SinkStats(label, k, sink, first, uniform, T, virtual)
+    return SinkStats(label, k, sink, first, uniform, T, virtual, None if layer_types is None else tuple(layer_types))

@@ -40,7 +40,8 @@ class PasskeyPrompt:
         return len(self.context) - self.key_at + len(self.question)
 
 
-def passkey_prompt(encode: Callable[[str], list[int]], total_tokens: int, depth: float, key: str) -> PasskeyPrompt:
+def passkey_prompt(encode: Callable[[str], list[int]], total_tokens: int, depth: float, key: str,
+                   start: Sequence[int] = ()) -> PasskeyPrompt:
     """The trial with ``key`` at ``depth`` (0..1) of a stream of about ``total_tokens`` tokens.
 
     Args:
@@ -48,17 +49,19 @@ def passkey_prompt(encode: Callable[[str], list[int]], total_tokens: int, depth:
         total_tokens: context + question length (tokens, >= the key sentence and question).
         depth: where the key sentence starts, as a fraction of the filler (0 first, 1 last).
         key: the passkey (digits).
+        start: token ids the stream begins with (the tokenizer's ``<bos>`` where it adds one:
+            Gemma reads text after it), counted in ``total_tokens``.
     """
     if not 0.0 <= depth <= 1.0:
         raise ArgumentError("depths", "must be fractions in [0, 1]", depth)
     key_ids, question, filler = encode(KEY_SENTENCE.format(key=key)), encode(QUESTION), encode(FILLER)
-    room = total_tokens - len(key_ids) - len(question)
+    room = total_tokens - len(key_ids) - len(question) - len(start)
     if room < 0:
         raise ArgumentError("total_tokens", f"must be at least {len(key_ids) + len(question)} (the key and the question)",
                             total_tokens)
     fill = (filler * (room // len(filler) + 1))[:room]
     at = round(depth * room)
-    return PasskeyPrompt(fill[:at] + key_ids + fill[at:], question, key, at)
+    return PasskeyPrompt(list(start) + fill[:at] + key_ids + fill[at:], question, key, len(start) + at)
 
 
 def answered(text: str, key: str) -> bool:
@@ -100,6 +103,7 @@ def run_passkey(
     trials: int = 3,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    start: Sequence[int] = (),
 ) -> list[PasskeyResult]:
     """Every setting x depth x trial (a new reader each), keys drawn from ``seed``.
 
@@ -111,13 +115,14 @@ def run_passkey(
         depths: where the key sits (fractions in [0, 1]).
         trials: keys per depth (>= 1).
         progress: called with 1 after each trial.
+        start: token ids every stream begins with (see :func:`passkey_prompt`).
     """
     trials = check_int("trials", trials, 1)
     if not depths:
         raise ArgumentError("depths", "must list at least one depth in [0, 1]", list(depths))
     rng = random.Random(seed)
     keys = [[str(rng.randint(10000, 99999)) for _ in range(trials)] for _ in depths]
-    prompts = [[passkey_prompt(encode, total_tokens, d, k) for k in ks] for d, ks in zip(depths, keys)]
+    prompts = [[passkey_prompt(encode, total_tokens, d, k, start) for k in ks] for d, ks in zip(depths, keys)]
     out = []
     for setting in settings:
         for depth, row in zip(depths, prompts):

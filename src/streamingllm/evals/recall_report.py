@@ -42,7 +42,8 @@ def plot_maps(maps: np.ndarray, tokens: Sequence[str], path, layers: Sequence[in
 def sink_rows(stats: Sequence[SinkStats]) -> list[dict]:
     return [{"model": s.label, "layer": layer, "k": s.k, "sink_share": float(s.sink_share[layer]),
              "first_token_share": float(s.first_share[layer]), "uniform_first_token_share": s.uniform_first,
-             "softmax_sink_share": _virtual(s)[layer], "tokens": s.tokens}
+             "softmax_sink_share": _virtual(s)[layer], "tokens": s.tokens,
+             "layer_type": s.layer_types[layer] if s.layer_types else ""}
             for s in stats for layer in range(len(s.sink_share))]
 
 
@@ -56,7 +57,8 @@ def _has_softmax_sink(s: SinkStats) -> bool:
 
 def write_sink_csv(stats: Sequence[SinkStats], path) -> Path:
     return write_csv(sink_rows(stats), path, ["model", "layer", "k", "sink_share", "first_token_share",
-                                               "uniform_first_token_share", "softmax_sink_share", "tokens"])
+                                               "uniform_first_token_share", "softmax_sink_share", "tokens",
+                                               "layer_type"])
 
 
 def sink_table(stats: Sequence[SinkStats]) -> str:
@@ -64,17 +66,32 @@ def sink_table(stats: Sequence[SinkStats]) -> str:
     whose softmax has a sink of its own, the share it took (a third number)."""
     header = ["layer"] + [f"{s.label}: first {s.k} / first 1" + (" / softmax sink" if _has_softmax_sink(s) else "")
                           for s in stats]
+    typed = any(s.layer_types for s in stats)
     layers = max(len(s.sink_share) for s in stats)
 
     def cell(s, layer):
         if layer >= len(s.sink_share):
             return ""
         extra = f" / {_virtual(s)[layer]:.3f}" if _has_softmax_sink(s) else ""
-        return f"{s.sink_share[layer]:.3f} / {s.first_share[layer]:.3f}{extra}"
+        kind = f" ({_short(s.layer_types[layer])})" if s.layer_types else ""
+        return f"{s.sink_share[layer]:.3f} / {s.first_share[layer]:.3f}{extra}{kind}"
 
     rows = [[str(layer)] + [cell(s, layer) for s in stats] for layer in range(layers)]
+    if typed:  # the mean per layer type (hybrid models)
+        kinds = list(dict.fromkeys(t for s in stats for t in (s.layer_types or ())))
+        for kind in kinds:
+            rows.append([f"{_short(kind)} layers"] + [_type_cell(s, kind) for s in stats])
     rows.append(["uniform"] + [f"- / {s.uniform_first:.3f}" for s in stats])
     return format_table(header, rows)
+
+
+def _short(layer_type: str) -> str:
+    return layer_type.replace("_attention", "")
+
+
+def _type_cell(s: SinkStats, kind: str) -> str:
+    row = s.by_type().get(kind) if s.layer_types else None
+    return "" if row is None else f"{row['sink_share']:.3f} / {row['first_share']:.3f} (mean of {row['layers']})"
 
 
 def plot_sinks(stats: Sequence[SinkStats], path, title: str = "") -> Path:
@@ -86,6 +103,11 @@ def plot_sinks(stats: Sequence[SinkStats], path, title: str = "") -> Path:
         x = np.arange(len(s.sink_share))
         a.plot(x, s.sink_share, "o-", ms=3, label=s.label)
         line = b.plot(x, s.first_share, "o-", ms=3, label=s.label)[0]
+        if s.layer_types:  # hybrid: ring the global layers
+            full = np.array([t == "full_attention" for t in s.layer_types])
+            for ax, y in ((a, s.sink_share), (b, s.first_share)):
+                ax.plot(x[full], y[full], "o", ms=9, mfc="none", color=line.get_color(), label=None)
+            a.plot([], [], "o", ms=9, mfc="none", color=line.get_color(), label=f"{s.label}: global layers")
         b.axhline(s.uniform_first, ls=":", color=line.get_color(), lw=1)
         if _has_softmax_sink(s):
             a.plot(x, _virtual(s), "x--", ms=4, color=line.get_color(), lw=1, label=f"{s.label}: softmax sink")
