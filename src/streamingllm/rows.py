@@ -38,7 +38,7 @@ class PaddedRows:
         self.columns = 0  # columns of the batch consumed (pads included): what generate() slices by
         self._new: list[int] = []
         self._positions: torch.Tensor | None = None
-        self._masks: dict[int | None, torch.Tensor] = {}  # this forward's mask, per native window (None: global layers)
+        self._masks: dict[tuple, torch.Tensor] = {}  # this forward's mask, per the rows' native windows (see update)
 
     def begin(self, positions: torch.Tensor | None, q: int) -> None:
         """Start a forward of ``q`` columns whose position ids are ``positions`` (batch, q)."""
@@ -70,25 +70,27 @@ class PaddedRows:
                                 position_ids=pos)
             keys.append(kr)
             values.append(vr)
-        window = self.rows[0].native_window(layer_idx)
-        mask = self._masks.get(window)
+        windows = tuple(row.native_window(layer_idx) for row in self.rows)  # None: a global layer
+        mask = self._masks.get(windows)
         if mask is None:
-            mask = self._masks[window] = self._build_mask(keys, q, window)
+            mask = self._masks[windows] = self._build_mask(keys, q, windows)
         longest = mask.shape[-1]
         pad = lambda t: torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[-2]))
         stacked = torch.cat([pad(t) for t in keys]), torch.cat([pad(t) for t in values])
         attach_band(stacked[0], mask if mask.device == key_states.device else mask.to(key_states.device))
         return stacked
 
-    def _build_mask(self, keys: list[torch.Tensor], q: int, window: int | None = None) -> torch.Tensor:
+    def _build_mask(self, keys: list[torch.Tensor], q: int, windows: tuple = ()) -> torch.Tensor:
         """(batch, 1, q, longest) additive mask: row r's own mask on its last k_r query columns and its
-        own keys; its pad columns see its first key only (their outputs are never used). ``window``:
-        the layers' own sliding window (tokens, the query included), or None for global layers."""
+        own keys; its pad columns see its first key only (their outputs are never used). ``windows``:
+        per row, the layer's own sliding window it keeps (tokens, the query included), or None for a
+        global layer (rows of one model may differ: a cache larger than an all-sliding model's window
+        keeps that window, a smaller one is global)."""
         longest = max(t.shape[-2] for t in keys)
         dtype, device = keys[0].dtype, keys[0].device
         allowed = torch.zeros((len(keys), 1, q, longest), dtype=torch.bool, device=device)
         for r, (kr, k) in enumerate(zip(keys, self._new)):
-            n = kr.shape[-2]
+            n, window = kr.shape[-2], windows[r] if windows else None
             band = band_of(kr)
             if band is not None:  # the row's exact band for an overflowing chunk
                 allowed[r, 0, q - k :, :n] = band[0, 0] == 0

@@ -355,9 +355,10 @@ def test_an_ordinary_forward_stopped_part_way_is_reported():
 
 
 @pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc") or shutil.which("g++")), reason="torch.compile on CPU needs a C++ compiler")
-def test_compiled_prepared_steps_equal_eager_without_recompiling():
+@pytest.mark.parametrize("family", ["llama", "gemma3"])  # gemma3: two layer groups, each its own ring and slot
+def test_compiled_prepared_steps_equal_eager_without_recompiling(family):
     torch._dynamo.reset()
-    model = tiny_model("llama")
+    model = tiny_model(family)
     ids = torch.randint(0, VOCAB, (1, 120), generator=torch.Generator().manual_seed(14))
     eager = _decode_logits(model, SinkCache(model, 4, 16, rebase_every=25), ids)
     cache = SinkCache(model, 4, 16, rebase_every=25)

@@ -272,3 +272,27 @@ def test_a_cache_rotating_sliding_keys_with_the_global_base_fails(monkeypatch):
     monkeypatch.setattr(cache_module, "rope_inv_freq", lambda m, layer_type=None: original(m, FULL))
     broken = _decode(model, SinkCache(model, 2, 6, rebase_every=7), ids)
     assert (broken - _decode(model, ReferenceSinkCache(model, 2, 6), ids)).abs().max().item() > 100 * TOL
+
+
+@pytest.mark.filterwarnings("ignore::streamingllm.cache.NativeWindowWarning")
+def test_stacked_streams_of_one_all_sliding_model_may_keep_different_policies():
+    """A server's sessions of one Mistral-style model: a cache below the window streams with sinks,
+    one above it keeps the model's window; stacked in one forward, each row keeps its own mask."""
+    from streamingllm.feed import decode_rows
+
+    model = tiny_model("mistral-sliding")
+    sizes, prompts = [(2, 6), (4, 28)], [_ids(9, 16), _ids(20, 17)]
+    caches = [SinkCache(model, s, w) for s, w in sizes]
+    assert [c.layer_policies[0] for c in caches] == ["global", "sliding"]
+    logits = torch.cat([prefill(model, c, p, chunk_size=8) for c, p in zip(caches, prompts)])
+    streams, seen = [p[0].tolist() for p in prompts], [[], []]
+    for _ in range(30):
+        tokens = logits.argmax(-1)
+        for r, t in enumerate(tokens.tolist()):
+            streams[r].append(t)
+            seen[r].append(logits[r])
+        logits = decode_rows(model, caches, tokens)
+    for r, ((s, w), p) in enumerate(zip(sizes, prompts)):
+        ref = _decode(model, ReferenceSinkCache(model, s, w), torch.tensor([streams[r]]))[0]
+        n = p.shape[1]
+        assert (torch.stack(seen[r]) - ref[n - 1 : n - 1 + 30]).abs().max().item() <= TOL
