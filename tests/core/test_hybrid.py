@@ -9,6 +9,8 @@ layers are given sinks or the wrong position frame.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -39,6 +41,12 @@ def _decode(model, cache, ids, masks=None):
     return torch.cat(out, dim=1)
 
 
+def _native_warning(family, sink_size, window_size):
+    """Expect the warning that an all-sliding model keeps its own window (sinks unused), where it applies."""
+    applies = family == "mistral-sliding" and sink_size and sink_size + window_size >= SLIDING_WINDOW
+    return pytest.warns(NativeWindowWarning) if applies else nullcontext()
+
+
 def _ids(n, seed, batch=1):
     """Random token ids, none of them 0 (the pad id generate() is given)."""
     return torch.randint(1, VOCAB, (batch, n), generator=torch.Generator().manual_seed(seed))
@@ -49,8 +57,7 @@ def _ids(n, seed, batch=1):
 def test_matches_the_extended_reference_over_a_long_decode(family, sink_size, window_size):
     model = tiny_model(family)
     ids = _ids(200, 1)
-    with pytest.warns(NativeWindowWarning) if family == "mistral-sliding" and sink_size and \
-            sink_size + window_size >= SLIDING_WINDOW else _no_warning():
+    with _native_warning(family, sink_size, window_size):
         fast = SinkCache(model, sink_size, window_size, rebase_every=7)  # rebases every few tokens
     a = _decode(model, fast, ids)
     b = _decode(model, ReferenceSinkCache(model, sink_size, window_size), ids)
@@ -58,12 +65,18 @@ def test_matches_the_extended_reference_over_a_long_decode(family, sink_size, wi
     assert fast.seen_tokens == 200 and fast.cached_tokens == fast.max_cached_tokens
 
 
-class _no_warning:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+@pytest.mark.parametrize("sink_size, window_size", [(4, 60), (4, 200)])
+def test_gpt_oss_with_its_own_128_token_window(sink_size, window_size):
+    """gpt-oss as released: 128-token sliding layers and learned sink logits; a global cache below and
+    above that window, decoded token by token and fed in exact chunks."""
+    model = tiny_model("gpt_oss", sliding_window=128)
+    ids = _ids(420, 18)
+    fast = SinkCache(model, sink_size, window_size, rebase_every=50)
+    assert fast.native_window(0) == 128 and fast.native_window(1) is None
+    a = _decode(model, fast, ids)
+    b = _decode(model, ReferenceSinkCache(model, sink_size, window_size), ids)
+    c = prefill(model, SinkCache(model, sink_size, window_size), ids, chunk_size=150, return_all_logits=True)
+    assert (a - b).abs().max().item() <= TOL and (c - b).abs().max().item() <= TOL
 
 
 @pytest.mark.parametrize("family", MIXED)
@@ -131,8 +144,7 @@ def test_exact_chunks_equal_token_by_token(family, sink_size, window_size, chunk
     model's own mask), or both; then single tokens (the ring) and chunks again."""
     model = tiny_model(family)
     ids = _ids(150, 3, batch=2)
-    with pytest.warns(NativeWindowWarning) if family == "mistral-sliding" and sink_size and \
-            sink_size + window_size >= SLIDING_WINDOW else _no_warning():
+    with _native_warning(family, sink_size, window_size):
         one, many = SinkCache(model, sink_size, window_size), SinkCache(model, sink_size, window_size)
     a = prefill(model, one, ids, chunk_size=1, return_all_logits=True)
     b = torch.cat([prefill(model, many, ids[:, :100], chunk_size=chunk, return_all_logits=True),
@@ -163,7 +175,7 @@ def test_generate_with_a_long_prompt_and_a_second_turn(family):
 def test_prepared_decode_steps_equal_ordinary_steps(family):
     model = tiny_model(family)
     ids = _ids(120, 6)
-    with pytest.warns(NativeWindowWarning) if family == "mistral-sliding" else _no_warning():
+    with _native_warning(family, 4, 20):
         plain, prepared = SinkCache(model, 4, 20, rebase_every=9), SinkCache(model, 4, 20, rebase_every=9)
     a = _decode(model, plain, ids)
     out = []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..models import DEFAULT_MODEL, DTYPES
+from ..models import DEFAULT_MODEL, DTYPES, NAMED_MODELS
 from ..compiled import COMPILE
 from ..precision import QUANTIZE
 
@@ -29,8 +29,8 @@ def add_parser(sub, name: str, help: str, description: str | None = None) -> arg
 def add_model_options(p: argparse.ArgumentParser, random_weights: bool = False) -> None:
     """``--model``, ``--dtype``, ``--device``, ``--quantize`` (and ``--random-weights``, ``--seed`` when asked)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="a named model (smollm2-135m, the default; gemma3-270m), a transformers folder, a .gguf "
-                        "file or a hub id")
+                   help=f"a named model ({', '.join(NAMED_MODELS)}; the first is the default), a transformers "
+                        "folder, a .gguf file or a hub id")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps, ...")
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
