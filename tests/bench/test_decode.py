@@ -182,3 +182,21 @@ def test_roofline_counts_weights_and_kv_bytes(llama):
     bandwidth = copy_bandwidth(torch.device("cpu"), nbytes=1 << 20, repeats=2)
     assert bandwidth > 1e8  # bytes/s
     assert limit_ms(llama, 10, 1e9) == pytest.approx(1000 * (params + kv_bytes(llama, 10)) / 1e9)
+
+
+def test_the_dense_arm_gives_a_step_back_on_a_hybrid_model():
+    """Gemma 3's sliding-window layers roll their window: the dense arm turns on transformers' past
+    recording, so that after() gives back the step's token in every layer and each timed step sees
+    the same cache (before the fix: a RuntimeError from crop)."""
+    from tiny import tiny_model
+
+    gemma3 = tiny_model("gemma3")
+    fwd, ids, tok = Forward(gemma3), torch.randint(1, VOCAB, (1, 40)), torch.tensor([[5]])
+    arm = Arm("dense", fwd, 30, ids, sink_size=4, last_only=False)
+    before = [layer.keys.clone() for layer in arm.state.layers]
+    arm.step(tok)
+    arm.after()
+    arm.check_held()
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(before, arm.state.layers))
+    rows = bench.bench_decode(gemma3, sizes=[30], methods=["streaming", "dense"], steps=3, warmup=1, progress=False)
+    assert [r["method"] for r in rows] == ["streaming", "dense"]

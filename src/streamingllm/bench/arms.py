@@ -103,6 +103,8 @@ class Arm:
         else:  # fed past its capacity, so it is full and evicting when timed
             self.state = SinkCache(fwd.model, sink_size=sink_size, window_size=n - sink_size)
         fwd.feed(self.state, ids)
+        if method == "dense" and hasattr(self.state, "activate_past_recording"):
+            self.state.activate_past_recording()  # sliding-window layers (hybrid models) can then give a step back
         self.check_held()
 
     def step(self, tok: torch.Tensor) -> None:
