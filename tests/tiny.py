@@ -34,6 +34,9 @@ _CONFIGS = {
     "gpt_oss": lambda: tf.GptOssConfig(num_key_value_heads=2, head_dim=8, sliding_window=SLIDING_WINDOW, num_local_experts=4,
                                        num_experts_per_tok=2, attn_implementation="eager", **_HYBRID),
     "mistral-sliding": lambda: tf.MistralConfig(num_key_value_heads=2, sliding_window=SLIDING_WINDOW),
+    # Qwen2 with use_sliding_window: global first, then sliding (layers from max_window_layers on)
+    "qwen2-sliding": lambda: tf.Qwen2Config(num_key_value_heads=2, use_sliding_window=True, sliding_window=SLIDING_WINDOW,
+                                            num_hidden_layers=3, max_window_layers=1),
 }
 
 ROPE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neox", "falcon", "sink_llama-zero",
@@ -41,7 +44,7 @@ ROPE_FAMILIES = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "gpt_neo
 ALIBI_FAMILIES = ["falcon-alibi", "mpt", "bloom"]
 FAMILIES = ROPE_FAMILIES + ALIBI_FAMILIES
 #: Models with sliding-window layers (all of them, for Mistral's): their own windows, beside sinks
-HYBRID_FAMILIES = ["gemma2", "gemma3", "gpt_oss", "mistral-sliding"]
+HYBRID_FAMILIES = ["gemma2", "gemma3", "gpt_oss", "mistral-sliding", "qwen2-sliding"]
 
 
 def tiny_config(family: str, **overrides):
@@ -51,7 +54,7 @@ def tiny_config(family: str, **overrides):
         max_position_embeddings=1 << 20, tie_word_embeddings=False,
     )
     if family in HYBRID_FAMILIES and family != "mistral-sliding":
-        common.pop("num_hidden_layers")  # three, with their layer_types
+        common.pop("num_hidden_layers")  # three, with their layer_types (set when the config is built)
     for key, value in {**common, **overrides}.items():
         if family == "mpt" and key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "max_position_embeddings"):
             continue
