@@ -289,7 +289,9 @@ def test_a_cache_rotating_sliding_keys_with_the_global_base_fails(monkeypatch):
 @pytest.mark.filterwarnings("ignore::streamingllm.cache.NativeWindowWarning")
 def test_stacked_streams_of_one_all_sliding_model_may_keep_different_policies():
     """A server's sessions of one Mistral-style model: a cache below the window streams with sinks,
-    one above it keeps the model's window; stacked in one forward, each row keeps its own mask."""
+    one above it keeps the model's window; stacked in one forward, each row still streams as alone.
+    (Single tokens see every held key whatever the window, so this checks the policies, not the
+    rows' sliding masks: the left-padded batch test above, with chunks, checks those.)"""
     from streamingllm.feed import decode_rows
 
     model = tiny_model("mistral-sliding")
