@@ -3,7 +3,9 @@
 For refactors of the cache: both caches are built on the same model, filled with the same random
 tokens (N + 64, so both are full and evicting), and timed on the same single-token steps in
 alternating blocks of 8 (the order flipping every round) in one process, so machine noise hits
-both alike. Printed: median ms per step of each and the ratio (this tree / the revision).
+both alike. Only the cache comes from the revision: the model, the scheduler
+(``streamingllm.bench.interleave``) and the statistics are this tree's. Printed: median ms per
+step of each and the ratio (this tree / the revision).
 Run from the repository root (about 2 minutes on 2 CPU cores with the default model):
 
     . .venv/bin/activate && python benchmarks/cache_ab.py --rev c098f29 --sizes 256 1024 2048
@@ -12,18 +14,19 @@ Run from the repository root (about 2 minutes on 2 CPU cores with the default mo
 from __future__ import annotations
 
 import argparse
-import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
 from streamingllm import SinkCache, load
+from streamingllm.bench import arm_stats, interleave
 from streamingllm.compat import cache_kwargs, vocab_size
 from streamingllm.models import DEFAULT_MODEL
+
+BLOCK = 8  # steps of one cache before the other takes over
 
 
 def cache_class_at(rev: str, folder: Path):
@@ -44,6 +47,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rounds", type=int, default=12, help="rounds of 8 steps per cache (the first is warm-up)")
     p.add_argument("--model", default=DEFAULT_MODEL)
     a = p.parse_args(argv)
+    if a.rounds < 2:
+        p.error("--rounds must be >= 2 (the first is warm-up)")
     with tempfile.TemporaryDirectory() as tmp:
         RefCache = cache_class_at(a.rev, Path(tmp))
         model, _ = load(a.model)
@@ -56,17 +61,18 @@ def main(argv: list[str] | None = None) -> None:
                 for c in caches.values():
                     for i in range(0, ids.shape[1], 256):
                         model(input_ids=ids[:, i : i + 256], **cache_kwargs(model, c))
-                toks = torch.randint(0, vocab_size(model), (16 * a.rounds, 1, 1), generator=gen)
-                times = {k: [] for k in caches}
-                for r in range(a.rounds):
-                    for k in (("ref", "new") if r % 2 == 0 else ("new", "ref")):
-                        kw = cache_kwargs(model, caches[k])
-                        for _ in range(8):
-                            t0 = time.perf_counter()
-                            model(input_ids=toks[len(times[k])], **kw)
-                            times[k].append(time.perf_counter() - t0)
-                med = {k: statistics.median(v[8:]) * 1e3 for k, v in times.items()}
-                print(f"{n:>6}  {med['ref']:>12.2f}  {med['new']:>12.2f}  {med['new'] / med['ref']:>14.3f}", flush=True)
+                toks = torch.randint(0, vocab_size(model), (BLOCK * a.rounds, 1, 1), generator=gen)
+                steps = {k: _stepper(model, c, toks) for k, c in caches.items()}
+                stats = arm_stats(interleave(steps, BLOCK * (a.rounds - 1), BLOCK, warmup=BLOCK), baseline="ref")
+                med = {k: s["median_ms"] for k, s in stats.items()}
+                print(f"{n:>6}  {med['ref']:>12.2f}  {med['new']:>12.2f}  {stats['new']['vs_baseline']:>14.3f}",
+                      flush=True)
+
+
+def _stepper(model, cache, toks: torch.Tensor):
+    """Step ``i`` of one cache: token ``toks[i]`` (the same for both caches)."""
+    kw = cache_kwargs(model, cache)
+    return lambda i: model(input_ids=toks[i], **kw)
 
 
 if __name__ == "__main__":

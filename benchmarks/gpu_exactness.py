@@ -3,7 +3,8 @@
 1. Precision drift on CUDA in float32/bfloat16/float16 against the float64 twin on the CPU
    (benchmarks/precision_drift.py): early (1k-3k) vs late (25k-30k) tokens, and dense before eviction.
 2. ``device_map`` over one GPU and the CPU (layer 0 on cuda:0, layer 1 on the CPU): decoding and
-   exact chunks against the slow reference on the CPU.
+   exact chunks against the same weights on the CPU alone, fed token by token (the definition of
+   exactness, held to the tests' slow reference by tests/core).
 3. The prepared, compiled decode step on CUDA against eager.
 
     python benchmarks/gpu_exactness.py --out "$OUT" [--tokens 30000]
@@ -22,11 +23,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from precision_drift import drift  # noqa: E402
-from reference import ReferenceSinkCache  # noqa: E402
-from tiny import VOCAB, tiny_model  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling script, however this one is started
+from precision_drift import VOCAB, drift, tiny_llama  # noqa: E402
 
 from streamingllm import SinkCache  # noqa: E402
 from streamingllm.feed import prefill  # noqa: E402
@@ -34,18 +32,17 @@ from streamingllm.report import write_csv  # noqa: E402
 
 
 def reference_logits(model, ids, S, W):
-    cache = ReferenceSinkCache(model, S, W)
-    with torch.no_grad():
-        return torch.cat([model(ids[:, t : t + 1], cache=cache).logits for t in range(ids.shape[1])], 1)
+    """Every token's logits, ``ids`` fed one by one through an S + W cache on ``model``'s device."""
+    return prefill(model, SinkCache(model, S, W), ids, chunk_size=1, return_all_logits=True)
 
 
 def device_map_check(device: str) -> dict:
     """Layer 0 on ``device``, layer 1 and the head on the CPU."""
     from accelerate import dispatch_model
 
-    cpu = tiny_model("llama")
+    cpu = tiny_llama()
     ref = reference_logits(cpu, ids := torch.randint(0, VOCAB, (1, 300), generator=torch.Generator().manual_seed(1)), 4, 28)
-    split = dispatch_model(tiny_model("llama"), device_map={"model.embed_tokens": device, "model.layers.0": device,
+    split = dispatch_model(tiny_llama(), device_map={"model.embed_tokens": device, "model.layers.0": device,
                                                             "model.layers.1": "cpu", "model.norm": "cpu",
                                                             "model.rotary_emb": device, "lm_head": "cpu"})
     cache = SinkCache(split, 4, 28, rebase_every=40)
@@ -56,7 +53,7 @@ def device_map_check(device: str) -> dict:
 
 
 def compiled_check(device: str) -> dict:
-    model = tiny_model("llama").to(device)
+    model = tiny_llama().to(device)
     ids = torch.randint(0, VOCAB, (1, 400), generator=torch.Generator().manual_seed(2)).to(device)
     eager = SinkCache(model, 4, 60, rebase_every=100)
     a = prefill(model, eager, ids, chunk_size=1, return_all_logits=True)

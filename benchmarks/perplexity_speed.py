@@ -15,7 +15,8 @@ Every arm streams the same Austen tokens through a SinkCache of ``--sink-size`` 
   chunked prefill costs, and not exact (a query also sees up to ``chunk - 1`` older tokens);
 * ``token``: one token per forward (with ``--token-by-token``), the definition of exactness.
 
-Arms are interleaved over ``--rounds`` rounds (order rotating), so machine noise hits them alike.
+Arms are interleaved over ``--rounds`` rounds (order rotating: ``streamingllm.bench.interleave``),
+so machine noise hits them alike.
 Printed per arm: tokens/s (median over rounds), its ratio to ``causal``, and the largest per-token
 NLL difference to the reference (``token`` when run, else ``exact-copies``).
 
@@ -29,14 +30,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from streamingllm import SinkCache
+from streamingllm.bench import arm_stats, interleave
 from streamingllm.evals.corpus import austen_text
 from streamingllm.evals.perplexity import RECOMPUTE_BATCH_TOKENS, score_recompute
 from streamingllm.feed import iter_chunks
@@ -45,16 +45,28 @@ from streamingllm.models import DEFAULT_MODEL, load
 ARMS = ("exact", "exact-copies", "causal", "token")
 
 
-def score(model, ids: torch.Tensor, arm: str, sink_size: int, cache_size: int, chunk_size: int) -> tuple[np.ndarray, float]:
-    """Per-token NLL of ``ids[1:]`` and the wall seconds it took, for one arm."""
+def score(model, ids: torch.Tensor, arm: str, sink_size: int, cache_size: int, chunk_size: int) -> np.ndarray:
+    """Per-token NLL of ``ids[1:]`` for one arm."""
     cache = SinkCache(model, sink_size, cache_size - sink_size, fast_chunks=arm == "causal")
     cache.sink_scores = arm != "exact-copies"
     chunk = 1 if arm == "token" else chunk_size
-    parts, t0 = [], time.perf_counter()
+    parts = []
     for start, logits in iter_chunks(model, cache, ids[:-1], chunk_size=chunk, exact=arm != "causal"):
         target = ids[start + 1 : start + 1 + logits.shape[1]]
         parts.append(F.cross_entropy(logits[0].float(), target, reduction="none").double())
-    return torch.cat(parts).numpy(), time.perf_counter() - t0
+    return torch.cat(parts).numpy()
+
+
+def run_arms(arms: dict, rounds: int) -> tuple[dict, dict]:
+    """Run each of ``arms`` (``{name: fn() -> result}``) ``rounds`` times, interleaved one call per
+    block; returns each arm's last result and its seconds per run (:func:`arm_stats` of them)."""
+    results = {}
+
+    def stepper(name):
+        return lambda i: results.__setitem__(name, arms[name]())
+
+    times = interleave({name: stepper(name) for name in arms}, rounds, block=1)
+    return results, arm_stats(times)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -81,37 +93,28 @@ def main(argv: list[str] | None = None) -> None:
     chunked = ["exact", "exact-copies", "causal"]
     for arm in chunked:  # warm-up
         score(model, ids[: a.cache_size + a.chunk_size + 8], arm, a.sink_size, a.cache_size, a.chunk_size)
-    seconds: dict[str, list[float]] = {arm: [] for arm in ARMS}
-    nll: dict[str, np.ndarray] = {}
-    for r in range(a.rounds):
-        for arm in chunked[r % 3 :] + chunked[: r % 3]:
-            nll[arm], s = score(model, ids, arm, a.sink_size, a.cache_size, a.chunk_size)
-            seconds[arm].append(s)
-    if a.token_by_token:
-        nll["token"], s = score(model, ids, "token", a.sink_size, a.cache_size, a.chunk_size)
-        seconds["token"].append(s)
+    arms = {arm: (lambda arm=arm: score(model, ids, arm, a.sink_size, a.cache_size, a.chunk_size))
+            for arm in chunked + ["token"] * a.token_by_token}
+    nll, stats = run_arms({arm: arms[arm] for arm in chunked}, a.rounds)
+    if a.token_by_token:  # once, after the rest: it takes as long as all the others together
+        more, token = run_arms({"token": arms["token"]}, 1)
+        nll.update(more)
+        stats.update(token)
     ref = "token" if a.token_by_token else "exact-copies"
-    causal = len(ids) / statistics.median(seconds["causal"])
+    causal = stats["causal"]["median_ms"]
     print(f"{'arm':>13} {'tok/s':>8} {'vs causal':>10} {'max |dNLL| vs ' + ref:>24} {'ppl':>8}")
-    for arm in ARMS:
-        if not seconds[arm]:
-            continue
-        rate = len(ids) / statistics.median(seconds[arm])
+    for arm in (x for x in ARMS if x in stats):
+        rate = 1e3 * len(ids) / stats[arm]["median_ms"]
         diff = float(np.abs(nll[arm] - nll[ref]).max())
-        print(f"{arm:>13} {rate:>8.1f} {rate / causal:>9.3f}x {diff:>24.2e} {float(np.exp(nll[arm].mean())):>8.3f}",
-              flush=True)
+        print(f"{arm:>13} {rate:>8.1f} {causal / stats[arm]['median_ms']:>9.3f}x {diff:>24.2e} "
+              f"{float(np.exp(nll[arm].mean())):>8.3f}", flush=True)
     if a.recompute:
         every = max(1, (len(ids) - a.cache_size - 2) // a.recompute)
         text = ids[: a.cache_size + 2 + every * a.recompute]  # its scored tokens past the first window
-        times: dict[int, list[float]] = {1: [], RECOMPUTE_BATCH_TOKENS: []}
-        scores = {}
-        for r in range(a.rounds):
-            for batch in (list(times) if r % 2 == 0 else list(times)[::-1]):
-                t0 = time.perf_counter()
-                scores[batch] = score_recompute(model, text, a.cache_size, every, batch_tokens=batch)
-                times[batch].append(time.perf_counter() - t0)
+        scores, stats = run_arms({b: (lambda b=b: score_recompute(model, text, a.cache_size, every, batch_tokens=b))
+                                  for b in (1, RECOMPUTE_BATCH_TOKENS)}, a.rounds)
         n = len(scores[1].nll)
-        one, many = (n / statistics.median(times[b]) for b in times)
+        one, many = (1e3 * n / stats[b]["median_ms"] for b in (1, RECOMPUTE_BATCH_TOKENS))
         diff = float(np.abs(scores[1].nll - scores[RECOMPUTE_BATCH_TOKENS].nll).max())
         print(f"recompute {a.cache_size}: {n} tokens, one window per forward {one:.2f} tok/s, batched "
               f"({RECOMPUTE_BATCH_TOKENS // (a.cache_size + 1)} windows per forward) {many:.2f} tok/s: "

@@ -1,9 +1,10 @@
 """Does low precision drift as a stream grows? Mean |logit error| against a float64 twin, early vs late.
 
-A tiny random Llama (tests/tiny.py) streams random tokens through a 4+124 SinkCache in each dtype,
-beside the same weights in float64. Tokens in the measured windows are fed one by one (the
-decode path: ring, rotations, rebases); the tokens between them go in exact chunks. Also printed:
-the same dtype with dense attention over the tokens before the first eviction.
+A tiny random Llama (:func:`tiny_llama`, the tests' ``tiny_model("llama")``) streams random
+tokens through a 4+124 SinkCache in each dtype, beside the same weights in float64. Tokens in the
+measured windows are fed one by one (the decode path: ring, rotations, rebases); the tokens
+between them go in exact chunks. Also printed: the same dtype with dense attention over the
+tokens before the first eviction.
 
     python benchmarks/precision_drift.py --dtypes bfloat16 float16 float32 --tokens 30000 --csv drift.csv
 
@@ -14,20 +15,34 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 from pathlib import Path
 
 import torch
-from transformers import DynamicCache
+from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from tiny import VOCAB, tiny_model  # noqa: E402
-
-from streamingllm import SinkCache  # noqa: E402
-from streamingllm.feed import prefill  # noqa: E402
-from streamingllm.report import format_table, write_csv  # noqa: E402
+from streamingllm import SinkCache
+from streamingllm.feed import prefill
+from streamingllm.report import format_table, write_csv
 
 S, W = 4, 124
+VOCAB = 97
+
+
+def tiny_llama(dtype: torch.dtype = torch.float32, seed: int = 0):
+    """A 2-layer random Llama in eval mode (hidden 32; 4 heads of 128 over 2 key/value heads, as
+    LlamaConfig's default head_dim survives in the tests' builder; vocabulary 97), its matrices
+    scaled by 4 so attention is far from uniform and errors show: the same config and weights as
+    the tests' ``tiny_model("llama")``, so the figures in docs/results.md reproduce."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(num_key_value_heads=2, vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                         head_dim=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=1 << 20,
+                         tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.mul_(4.0)
+    return model
 
 
 def _one_by_one(model, cache, ids):
@@ -41,7 +56,7 @@ def _one_by_one(model, cache, ids):
 def drift(dtype: torch.dtype, tokens: int, early=(1000, 3000), late=(25000, 30000), device="cpu") -> dict:
     """Mean |logit error| of ``dtype`` on ``device`` against the float64 twin on the CPU: dense before
     eviction, streaming over ``early`` and over ``late`` (token ranges)."""
-    model64 = tiny_model("llama", dtype=torch.float64)
+    model64 = tiny_llama(torch.float64)
     model = copy.deepcopy(model64).to(dtype=dtype, device=device)
     ids = torch.randint(0, VOCAB, (1, tokens), generator=torch.Generator().manual_seed(0))
     row = {"dtype": str(dtype).removeprefix("torch.")}

@@ -30,7 +30,21 @@ __all__ = [
     "decode_rows",
     "load",
     "Session",
+    "Conversation",
+    "RemoteSession",
 ]
+
+#: Names imported when first used: the HTTP client pulls in urllib.request, which local use never needs.
+_LAZY = {"Conversation": "client", "RemoteSession": "client"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 try:
     __version__ = _metadata.version("streamingllm")

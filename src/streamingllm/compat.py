@@ -9,7 +9,8 @@ pass position ids to ``Cache.update``; :func:`check_transformers` refuses them.
   ``past_key_values`` (earlier 5.x, which silently ignores ``cache=``);
 * whether ``model.forward`` takes ``logits_to_keep`` (compute only the last logits);
 * how a ``DynamicCache`` is built (``config=`` or no argument);
-* the text part of a (possibly multimodal) config, and its vocabulary size.
+* the text part of a (possibly multimodal) config, and its vocabulary size;
+* where the position ids sit among the keyword arguments a model passes to ``Cache.update``.
 """
 
 from __future__ import annotations
@@ -81,3 +82,13 @@ def vocab_size(model_or_config) -> int:
     """Vocabulary size (token ids are in ``[0, vocab_size)``)."""
     config = getattr(model_or_config, "config", model_or_config)
     return int(text_config(config).vocab_size)
+
+
+def update_position_ids(kwargs: dict):
+    """The position ids (rows, q) of the running forward, as the model passed them to ``Cache.update``
+    (directly, or inside its ``kwargs``), or None when it passed none."""
+    inner = kwargs.get("kwargs", kwargs)
+    pos = inner.get("position_ids") if isinstance(inner, dict) else None
+    if pos is None:
+        return None
+    return pos.reshape(-1, pos.shape[-1]) if pos.dim() > 1 else pos[None]

@@ -7,7 +7,8 @@
   causal mask inside a chunk, so a token may also see up to ``chunk_size - 1`` older window
   tokens, with the sinks one position further away per such token (cheaper; documented in
   docs/design.md).
-* :func:`generate_tokens` yields new token ids one by one (greedy or sampled).
+* :func:`generate_tokens` yields new token ids one by one, chosen by a
+  :class:`~streamingllm.sampling.TokenChooser` (greedy or sampled; :class:`Sampling` lives there too).
 * :func:`generate` is ``model.generate`` with an exact prefill first: transformers' decoding
   loop, sampling options and outputs, for prompts of any length.
 * :func:`decode_rows` advances several independent streams (each on its own cache) by one token
@@ -21,87 +22,15 @@ the positions the model computes angles for small however long the stream.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 
 import torch
 
 from .cache import SinkCache
-from .checks import check_float, check_int
+from .checks import check_int
 from .compat import cache_kwargs
 from .compiled import DecodeStep
 from .families import UnsupportedModelError
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """How the next token is chosen.
-
-    Attributes:
-        temperature: softmax temperature (> 0); 0 means greedy (argmax).
-        top_k: keep only the k most likely tokens (0 = no limit).
-        top_p: keep the smallest set of tokens whose probability sums to >= top_p (1 = no limit).
-        seed: random seed for sampling (None = not seeded).
-        repetition_penalty: divides the positive logits and multiplies the negative ones of the
-            tokens among the last ``penalty_last_n`` (as transformers and llama.cpp do; > 0,
-            1 = off, > 1 discourages repeats).
-        presence_penalty: subtracted once from the logits of those tokens (OpenAI's; 0 = off).
-        frequency_penalty: subtracted from their logits once per occurrence (OpenAI's; 0 = off).
-        penalty_last_n: how many of the most recent tokens (prompt and reply) the penalties look
-            at (>= 0; bounded, like everything in a stream).
-    """
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_last_n: int = 64
-
-    def __post_init__(self):
-        check_float("temperature", self.temperature, 0.0)
-        check_int("top_k", self.top_k, 0)
-        check_float("top_p", self.top_p, 0.0, 1.0, open_min=True)
-        if self.seed is not None:
-            check_int("seed", self.seed)
-        check_float("repetition_penalty", self.repetition_penalty, 0.0, open_min=True)
-        check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
-        check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
-        check_int("penalty_last_n", self.penalty_last_n, 0)
-
-    @property
-    def penalizes(self) -> bool:
-        """True when any penalty is on (so the caller must keep the recent tokens)."""
-        return bool(self.penalty_last_n) and (
-            self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0)
-
-    def penalize(self, logits: torch.Tensor, recent: torch.Tensor) -> torch.Tensor:
-        """``logits`` (B, vocab) with the penalties applied for the ``recent`` tokens (B, n) int64."""
-        if not self.penalizes or recent.shape[-1] == 0:
-            return logits
-        logits = logits.float()
-        counts = torch.zeros_like(logits).scatter_add_(-1, recent, torch.ones_like(recent, dtype=logits.dtype))
-        present = counts > 0
-        if self.repetition_penalty != 1.0:
-            scaled = torch.where(logits > 0, logits / self.repetition_penalty, logits * self.repetition_penalty)
-            logits = torch.where(present, scaled, logits)
-        return logits - self.presence_penalty * present - self.frequency_penalty * counts
-
-    def pick(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """Choose the next token for each row of ``logits`` (B, vocab); returns (B,) int64."""
-        if self.temperature == 0:
-            return logits.argmax(dim=-1)
-        logits = logits.float() / self.temperature
-        if self.top_k:
-            kth = torch.topk(logits, min(self.top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1:
-            sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(-1).cumsum(-1)
-            drop = cumulative - sorted_logits.softmax(-1) >= self.top_p
-            logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+from .sampling import Sampling, TokenChooser
 
 
 def _as_batch(input_ids) -> torch.Tensor:
@@ -224,26 +153,16 @@ def generate_tokens(
     decode = compile if isinstance(compile, DecodeStep) else DecodeStep(model, compile)
     if max_new_tokens == 0:
         return
-    generator = None
-    if sampling.seed is not None:
-        generator = torch.Generator(device=model.device).manual_seed(sampling.seed)
-    logits = prefill(model, cache, input_ids, chunk_size=chunk_size, exact=exact_prefill, progress=prefill_progress)
     ids = _as_batch(input_ids)
+    choose = TokenChooser(sampling, ids, model.device, stop_token_ids, min_new_tokens)
+    logits = prefill(model, cache, ids, chunk_size=chunk_size, exact=exact_prefill, progress=prefill_progress)
     step_ids = torch.empty((ids.shape[0], 1), dtype=torch.long, device=model.device)  # reused every step
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=model.device)
-    stops = torch.tensor(sorted(stop_token_ids), dtype=torch.long, device=model.device)
-    recent = ids[:, -sampling.penalty_last_n :].to(model.device) if sampling.penalizes else None
     for i in range(max_new_tokens):
-        if recent is not None:
-            logits = sampling.penalize(logits, recent)
-        if i < min_new_tokens and len(stops):
-            logits = logits.index_fill(-1, stops, float("-inf"))
-        token = sampling.pick(logits, generator)
-        if recent is not None:
-            recent = torch.cat((recent, token[:, None]), dim=1)[:, -sampling.penalty_last_n :]
+        token = choose(logits)
         yield token
-        if len(stops):
-            finished |= torch.isin(token, stops)
+        if len(choose.stops):
+            finished |= choose.is_stop(token)
             if bool(finished.all()):
                 return
         if i + 1 == max_new_tokens:

@@ -1,6 +1,7 @@
 """Memory probes, in bytes: resident memory, CUDA memory, peaks, and what a cache holds.
 
-* :func:`rss_bytes` -- resident memory of this process now (Linux ``/proc``; peak RSS elsewhere).
+* :func:`rss_bytes` -- resident memory of this process now (Linux ``/proc``; peak RSS elsewhere;
+  None where neither can be read).
 * :func:`available_bytes` -- memory a new allocation can still get on a device.
 * :class:`PeakMemory` -- current and peak memory of one device, with a resettable peak.
 * :func:`storage_layout` / :func:`storage_bytes` -- the distinct storages behind a cache.
@@ -11,20 +12,28 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import resource
+import mmap
 
 import torch
 
 MIB = 2**20
+STATM = "/proc/self/statm"  # Linux: sizes in pages, the second one resident
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process now (bytes; Linux /proc/self/statm, else peak RSS)."""
+def rss_bytes() -> int | None:
+    """Resident memory of this process now, in bytes: Linux's /proc/self/statm; elsewhere the peak
+    resident memory (``getrusage``, where the ``resource`` module exists); None where neither can be
+    read (Windows)."""
     try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * resource.getpagesize()
+        with open(STATM) as f:
+            return int(f.read().split()[1]) * mmap.PAGESIZE
     except (OSError, ValueError, IndexError):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        pass
+    try:
+        import resource  # POSIX only: importing it at the top would make the package Unix-only
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux (bytes on macOS)
 
 
 def _proc_kib(path: str, field: str) -> int | None:
@@ -74,15 +83,18 @@ class PeakMemory:
     On CUDA: ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` (exact; the peak is reset
     with ``reset_peak_memory_stats``). On CPU: resident memory; the peak is VmHWM, reset by
     writing ``5`` to ``/proc/self/clear_refs`` (Linux). Where that is not possible the "peak" is
-    the RSS when read (``source == "rss"``).
+    the RSS when read (``source == "rss"``); where resident memory cannot be read at all
+    (:func:`rss_bytes` is None), ``source == "none"`` and every reading is 0.
     """
 
     def __init__(self, device):
         self.device = torch.device(device)
         if self.device.type == "cuda":
             self.source = "cuda"
+        elif self._clear_refs() and self._hwm() is not None:
+            self.source = "rss_hwm"
         else:
-            self.source = "rss_hwm" if self._clear_refs() and self._hwm() is not None else "rss"
+            self.source = "rss" if rss_bytes() is not None else "none"
 
     @staticmethod
     def _clear_refs() -> bool:
@@ -100,7 +112,7 @@ class PeakMemory:
     def current(self) -> int:
         if self.source == "cuda":
             return torch.cuda.memory_allocated(self.device)
-        return rss_bytes()
+        return rss_bytes() or 0
 
     def reset_peak(self) -> None:
         if self.source == "cuda":
@@ -112,8 +124,8 @@ class PeakMemory:
         if self.source == "cuda":
             return torch.cuda.max_memory_allocated(self.device)
         if self.source == "rss_hwm":
-            return max(self._hwm() or 0, rss_bytes())
-        return rss_bytes()
+            return max(self._hwm() or 0, rss_bytes() or 0)
+        return rss_bytes() or 0
 
 
 def _cache_tensors(cache) -> list[torch.Tensor]:

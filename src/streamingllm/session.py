@@ -6,8 +6,9 @@ the assistant prefix), generates the reply, then feeds the template's end of the
 so the cache always holds the conversation exactly as the template writes it -- minus what was
 evicted. Memory stays bounded however long the conversation.
 
-:class:`TextDecoder` turns generated token ids into text incrementally (multi-byte characters,
-leading spaces) at a constant cost per token.
+Tokens are chosen by :class:`~streamingllm.sampling.TokenChooser` (through
+:func:`~streamingllm.feed.generate_tokens`) and shown through :class:`~streamingllm.text.ReplyText`;
+:class:`TextDecoder` and :class:`StopStrings` are importable from here as before.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from .cache import SinkCache
 from .checks import ArgumentError, check_int
 from .compiled import DecodeStep
 from .feed import Sampling, generate_tokens, prefill
+from .text import ReplyText, StopStrings, TextDecoder  # noqa: F401 (the last two: re-exported from their old home)
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
@@ -32,63 +34,6 @@ def stop_token_ids(tokenizer) -> frozenset[int]:
     vocab = tokenizer.get_vocab()
     ids.update(vocab[t] for t in END_OF_TURN_TOKENS if t in vocab)
     return frozenset(ids)
-
-
-class TextDecoder:
-    """Incremental detokenizer: :meth:`add` returns the text a new token adds (possibly '').
-
-    Text is held back while it ends in an incomplete UTF-8 character. Decoding restarts every
-    ``window`` tokens from the last few tokens, so the cost per token stays constant.
-    """
-
-    def __init__(self, tokenizer, window: int = 64, context: int = 4):
-        self.tokenizer, self.window, self.context = tokenizer, window, context
-        self.ids: list[int] = []
-        self.printed = 0  # characters of decode(ids) already returned
-
-    def _decode(self, ids) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def add(self, token_id: int) -> str:
-        self.ids.append(int(token_id))
-        text = self._decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return ""
-        new, self.printed = text[self.printed :], len(text)
-        if len(self.ids) > self.window:  # restart from the last tokens (they fix leading spaces)
-            self.ids = self.ids[-self.context :]
-            self.printed = len(self._decode(self.ids))
-        return new
-
-
-class StopStrings:
-    """Text shown up to the first stop string: :meth:`add` takes the next piece of text and returns
-    what can be shown now, holding back a tail that may be the start of a stop string."""
-
-    def __init__(self, stops: tuple[str, ...]):
-        self.stops, self.text, self.shown, self.stopped = stops, "", 0, False
-
-    def add(self, piece: str) -> str:
-        if self.stopped or not piece:
-            return ""
-        self.text += piece
-        if not self.stops:
-            return self._show(len(self.text))
-        hits = [i for i in (self.text.find(s, max(0, self.shown - len(s))) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            return self._show(min(hits))
-        held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
-        return self._show(len(self.text) - held)
-
-    def flush(self) -> str:
-        """What was held back, once the reply has ended without a stop string."""
-        return "" if self.stopped else self._show(len(self.text))
-
-    def _show(self, end: int) -> str:
-        end = max(end, self.shown)
-        out, self.shown = self.text[self.shown : end], end
-        return out
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -146,14 +91,19 @@ class Session:
         cache: the session's :class:`SinkCache` (``cache.seen_tokens`` counts the whole conversation).
         messages: the transcript so far (system, user and assistant messages).
         pinned_tokens: template tokens of the system prompt kept as sinks (0 without ``pin_system``).
+
+    A :class:`~streamingllm.client.Conversation`, as a :class:`~streamingllm.client.RemoteSession` is.
     """
+
+    interruptible = False  # stop a reply between pieces only (close()): never inside a forward pass
+    can_save = True
 
     def __init__(self, model, tokenizer, sink_size: int = 4, window_size: int = 1020, *, system: str | None = None,
                  sampling: Sampling = Sampling(), max_new_tokens: int = 256, chunk_size: int = 256,
                  min_new_tokens: int = 0, stop: tuple[str, ...] | list[str] = (), pin_system: bool = False,
                  compile: str | bool | DecodeStep = "auto"):
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("the tokenizer has no chat template: a Session needs a chat (instruct) model")
+            raise ArgumentError("tokenizer", "must have a chat template: a Session needs a chat (instruct) model")
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
         self.max_new_tokens = check_int("max_new_tokens", max_new_tokens, 1)
         self.chunk_size = check_int("chunk_size", chunk_size, 1)
@@ -186,6 +136,13 @@ class Session:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self._last: list[dict] = list(self.messages)  # the messages the template delta is computed against
         self._pending: list[dict] | None = None  # the new messages of the turn prepare() opened
+
+    def stats(self, refresh: bool = False) -> dict[str, int]:
+        """``seen_tokens``, ``cached_tokens``, ``max_cached_tokens``, ``pinned_tokens`` (tokens) and
+        ``turns`` (user messages), always current (``refresh`` changes nothing here)."""
+        return {"seen_tokens": self.cache.seen_tokens, "cached_tokens": self.cache.cached_tokens,
+                "max_cached_tokens": self.cache.max_cached_tokens, "pinned_tokens": self.pinned_tokens,
+                "turns": sum(m["role"] == "user" for m in self.messages)}
 
     def save(self, path) -> None:
         """Write the conversation to ``path``: the transcript and the cache's exact state, so that
@@ -291,8 +248,7 @@ class Session:
             raise ValueError("the user message is empty")
         turn = self.prepare(self.messages + [{"role": "user", "content": user_text}])
         self.start(turn)
-        decoder, reply_ids, stopped = TextDecoder(self.tokenizer), [], False
-        shown = StopStrings(self.stop)
+        reply, stopped = ReplyText(self.tokenizer, self.stop), False
         try:
             for token in generate_tokens(self.model, self.cache, turn.prompt_ids, self.max_new_tokens, self.sampling,
                                          self.stop_ids, chunk_size=self.chunk_size, min_new_tokens=self.min_new_tokens,
@@ -301,19 +257,18 @@ class Session:
                 if tid in self.stop_ids:
                     stopped = True
                     break
-                reply_ids.append(tid)
-                piece = shown.add(decoder.add(tid))
+                piece = reply.add(tid)
                 if piece:
                     yield piece
-                if shown.stopped:
+                if reply.stopped:
                     break
-            rest = shown.flush()
+            rest = reply.flush()
             if rest:
                 yield rest
         except GeneratorExit:  # the caller stopped reading: keep what was shown
-            self.finish(reply_ids, shown.text[: shown.shown], stopped)
+            self.finish(reply.token_ids, reply.text, stopped)
             raise
-        self.finish(reply_ids, shown.text[: shown.shown], stopped)
+        self.finish(reply.token_ids, reply.text, stopped)
 
 
 @dataclass(frozen=True)

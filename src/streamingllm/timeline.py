@@ -191,6 +191,32 @@ class Timeline:
         self.seen = self.n_sink = self.window = self.off = self.frame_next = self.sink_frame = self.head = 0
         self.sinks_in_buffer, self.exact_next, self.fast_next, self.ring = (0, 0), 0, 0, False
 
+    def snapshot(self) -> dict:
+        """The stream's state (the :attr:`STATE` fields), to :meth:`restore` later or save."""
+        return {name: getattr(self, name) for name in self.STATE}
+
+    def restore(self, state: dict, frame_shift: int = 0) -> None:
+        """Go back to a :meth:`snapshot` (or a saved state), with the position frame moved by
+        ``frame_shift`` tokens (a rebase that was kept). The sinks are rewritten at the next step,
+        since the buffer's may not be those the snapshot describes."""
+        for name in self.STATE:
+            setattr(self, name, state[name])
+        self.frame_next += frame_shift
+        self.sinks_in_buffer = None
+
+    def expect_exact(self, q: int) -> None:
+        """The next forward, if of ``q`` tokens, comes with its exact banded mask."""
+        self.exact_next = q
+
+    def allow_fast(self, q: int) -> None:
+        """The next forward, if of ``q`` tokens, may overflow the window under the plain causal mask."""
+        self.fast_next = q
+
+    def needs_band(self, q: int) -> bool:
+        """A forward of ``q`` tokens overflows the window and nothing said how to mask it: only its
+        exact band (built by the cache) makes it what streaming the tokens one by one gives."""
+        return self.overflows(q) and not (self.exact_next == q or self.fast_next == q or self.fast_chunks)
+
     def overflows(self, q: int) -> bool:
         """True when some of ``q`` new tokens would see more than the sinks and the window under a
         causal mask: then only the exact layout (one sink copy per overflowing token) is exact."""
@@ -210,12 +236,14 @@ class Timeline:
             return self.length
         return self.frame_next
 
-    def plan(self, q: int, p0: int | None) -> Step:
+    def plan(self, q: int, p0: int | None, sink_scores: bool = False) -> Step:
         """Plan one forward pass of ``q`` new tokens whose first position is ``p0``, and advance.
 
         ``p0`` is the position the caller gave the first new token; None when the model does not
         pass position ids to the cache: it then computed them from ``get_seq_length()``, which is
-        :attr:`seen` (transformers' contract: the number of tokens consumed).
+        :attr:`seen` (transformers' contract: the number of tokens consumed). ``sink_scores``: an
+        exact banded chunk gives the sinks as one zero-key copy whose logits the attention computes
+        (:attr:`ConcatStep.sink_scores`), not one rotated copy per group.
         """
         S, W = self.sink_size, self.window_size
         if self.exact_next != q:  # a mark for another forward (one that never ran) means nothing here
@@ -241,7 +269,7 @@ class Timeline:
             evicted = self.window + q - new_sinks - kept
             common = dict(q=q, n=n, n_sink=self.n_sink, new_sinks=new_sinks, kept=kept, prev_off=self.off, **rope)
             if self.exact_next and self.overflows(q) and not self.masks_itself:
-                step = ConcatStep(groups=self.length + q - S - W, **common)
+                step = ConcatStep(groups=self.length + q - S - W, sink_scores=sink_scores, **common)
             elif self.off + n + q > self.capacity and n + q > self.capacity:
                 step = ConcatStep(**common)
             else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 pytest.importorskip("llama_cpp")
@@ -12,15 +13,32 @@ from streamingllm.bench.llamacpp import LlamaCppArm, gguf_of  # noqa: E402
 pytestmark = pytest.mark.slow
 
 
-def test_the_arm_holds_n_tokens_before_each_step():
-    arm = LlamaCppArm(gguf_of("smollm2-135m"), 16, list(range(100, 116)), threads=1)
+def _last_logits(arm: LlamaCppArm) -> np.ndarray:
+    """The logits of the last token llama.cpp evaluated (a copy: the next step overwrites them)."""
+    return np.array(arm.llm.scores[arm.llm.n_tokens - 1], dtype=np.float64)
+
+
+def test_each_step_sees_exactly_the_n_held_tokens():
+    """A step after rewinds computes what a fresh context holding the same N tokens computes for
+    that token: the rewound tokens are gone from what llama.cpp attends to. (The held count cannot
+    show that: it is what rewind sets.)"""
+    path = gguf_of("smollm2-135m")
+    assert path.suffix == ".gguf" and path.is_file()
+    history = list(range(100, 116))
+    arm = LlamaCppArm(path, 16, history, threads=1)
     assert arm.held == 16
+    steps = {}
     for token in (5, 6, 7):
         arm.step(token)
         assert arm.held == 17
+        steps[token] = _last_logits(arm)
         arm.rewind()
         assert arm.held == 16
-    assert gguf_of("smollm2-135m").suffix == ".gguf"
+    fresh = LlamaCppArm(path, 16, history, threads=1)
+    fresh.step(7)
+    assert np.abs(steps[7] - _last_logits(fresh)).max() <= 1e-4
+    fresh.step(6)  # no rewind: 17 tokens held before this one, so its logits differ from the arm's
+    assert np.abs(steps[6] - _last_logits(fresh)).max() > 1e-2
 
 
 def test_bench_decode_runs_llama_cpp_beside_the_torch_arms():

@@ -51,3 +51,13 @@ def test_speedups_and_ratios_from_given_rows():
     assert rows[0]["vs_dense"] == pytest.approx(0.8) and rows[0]["speedup_vs_recompute"] == pytest.approx(45.0)
     assert rows[3]["vs_dense"] is None and rows[3]["speedup_vs_recompute"] == pytest.approx(150.0)
     assert rows[5]["vs_dense"] is None and rows[5]["speedup_vs_recompute"] is None
+
+
+def test_arm_stats_gives_each_arm_its_summary_and_its_ratio_to_the_baseline():
+    s = bench.arm_stats({"new": [0.003, 0.001, 0.002], "ref": [0.004, 0.004], "slow": [0.008]}, baseline="ref")
+    assert s["new"]["median_ms"] == pytest.approx(2.0) and s["new"]["n"] == 3
+    assert s["new"]["vs_baseline"] == pytest.approx(0.5)
+    assert s["ref"]["vs_baseline"] == pytest.approx(1.0) and s["slow"]["vs_baseline"] == pytest.approx(2.0)
+    assert bench.arm_stats({"a": [0.001]})["a"]["vs_baseline"] is None
+    with pytest.raises(ValueError, match=r"baseline must be one of the arms \(a\), got 'b'"):
+        bench.arm_stats({"a": [0.001]}, baseline="b")

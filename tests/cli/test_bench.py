@@ -28,6 +28,12 @@ from tiny import tiny_config
     (["bench", "decode", "--variants", "bfloat16+int4"],
      "--variants takes DTYPE[+QUANTIZE] (quantize must be one of none, int8, got 'int4'), got 'bfloat16+int4'"),
     (["bench", "decode", "--variants", "float8"], "--variants takes DTYPE[+QUANTIZE] (dtype must be one of"),
+    (["bench", "decode", "--batch", "0"], "--batch must be an integer >= 1, got 0"),
+    (["bench", "decode", "--batch", "1", "2", "--sizes", "4"], "--sizes must each be > the sink size (4)"),
+    (["bench", "decode", "--batch", "2", "--methods", "dense"],
+     "--batch times the streaming cache alone: not with --methods"),
+    (["bench", "decode", "--batch", "2", "--variants", "bfloat16", "--recompute-steps", "2"],
+     "--batch times the streaming cache alone: not with --variants, --recompute-steps"),
 ])
 def test_cli_bench_bad_arguments(argv, message, capsys):
     assert main(argv) == 2  # refused before any model is loaded
@@ -65,6 +71,27 @@ def test_cli_bench_end_to_end_on_a_tiny_model_folder(tmp_path, capsys, read_csv,
     assert header == bench.STREAM_COLUMNS and [r["tokens"] for r in rows] == ["40", "80", "120", "40", "80"]
     assert_png(out / "decode.png")
     assert_png(out / "stream.png")
+
+
+def test_cli_bench_decode_batch_writes_its_rows_on_a_tiny_model_folder(tmp_path, capsys, read_csv):
+    """``bench decode --batch`` (once benchmarks/batched_decode.py): one row per cache size and
+    batch size, in batch.csv and the printed table; no decode.csv, no plot."""
+    folder = tmp_path / "tiny"
+    tiny_config("llama").save_pretrained(folder)
+    out = tmp_path / "out"
+    assert main(["bench", "decode", "--batch", "1", "3", "--sizes", "8", "16", "--steps", "2", "--warmup", "1",
+                 "--model", str(folder), "--random-weights", "--out", str(out), "--no-progress", "--threads", "1"]) == 0
+    printed = capsys.readouterr().out
+    assert "batch: sizes 8 16, batch 1 3, steps 2, warmup 1" in printed
+    lines = [ln.split() for ln in printed.splitlines() if ln.split()[:1] in (["8"], ["16"])]
+    assert [ln[:2] for ln in lines] == [["8", "1"], ["8", "3"], ["16", "1"], ["16", "3"]]
+    assert all(ln[-1] == "1.00x" for ln in lines if ln[1] == "1")
+    header, rows = read_csv(out / "batch.csv")
+    assert header == bench.BATCH_COLUMNS
+    assert [(r["size"], r["batch"], r["stacked"], r["steps"]) for r in rows] == [
+        ("8", "1", "False", "2"), ("8", "3", "True", "2"), ("16", "1", "False", "2"), ("16", "3", "True", "2")]
+    assert all(float(r["speedup"]) == 1.0 for r in rows if r["batch"] == "1")
+    assert sorted(p.name for p in out.iterdir()) == ["batch.csv"]
 
 
 def test_cli_bench_help_shows_every_flag_and_its_default(capsys):

@@ -13,8 +13,15 @@ import pytest
 from chat_driver import interrupt_a_story
 
 import streamingllm
-from streamingllm.cli import main
+from streamingllm.cli import generate, main
 from streamingllm.cli.generate import read_prompt
+from streamingllm.cli.options import CommandError
+from streamingllm.client import ServerError
+from streamingllm.evals.corpus import CorpusError
+from streamingllm.extras import MissingExtraError
+from streamingllm.families import UnsupportedModelError
+from streamingllm.models import ModelLoadError
+from streamingllm.timeline import ApproximateChunkError
 
 
 @pytest.mark.parametrize(
@@ -39,12 +46,61 @@ from streamingllm.cli.generate import read_prompt
         (["generate", "hi", "--presence-penalty", "3"], "--presence-penalty must be a number >= -2 and <= 2, got 3.0"),
         (["chat", "--penalty-last-n", "-1"], "--penalty-last-n must be an integer >= 0, got -1"),
         (["generate", "hi", "--min-new-tokens", "-2"], "--min-new-tokens must be an integer >= 0, got -2"),
+        (["generate", "hi", "--prompt-file", "p.txt"], "--prompt-file cannot be combined with a prompt argument"),
+        (["chat", "--server", "ftp://127.0.0.1"], "--server must be an http:// or https:// URL"),
     ],
 )
 def test_bad_input_gives_one_line_naming_the_flag(argv, message, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def _raising(error: BaseException):
+    def run(args):
+        raise error
+    return run
+
+
+@pytest.mark.parametrize("error", [CorpusError("no text"), UnsupportedModelError("not this model"),
+                                   ModelLoadError("no such model"), MissingExtraError("pip install it"),
+                                   ServerError("the server said no"), CommandError("the prompt is empty"),
+                                   ApproximateChunkError(40, 8, 32)])
+def test_documented_errors_are_one_line(error, monkeypatch, capsys):
+    monkeypatch.setattr(generate, "run", _raising(error))
+    assert main(["generate", "hi"]) == 2
+    assert capsys.readouterr().err == f"streamingllm: error: {error}\n"
+
+
+@pytest.mark.parametrize("bug", [TypeError("a bug"), ValueError("a bug"), KeyError("a bug"), RuntimeError("a bug")])
+def test_any_other_exception_is_a_bug_and_propagates(bug, monkeypatch, capsys):
+    monkeypatch.setattr(generate, "run", _raising(bug))
+    with pytest.raises(type(bug)) as info:
+        main(["generate", "hi"])
+    assert info.value is bug and capsys.readouterr().err == ""
+
+
+def test_a_bug_prints_its_traceback():
+    """End to end: the command exits with Python's status 1 and the traceback, not a one-line error."""
+    code = ("import streamingllm.cli.generate as g, sys\n"
+            "def run(args):\n    raise TypeError('a bug in run')\n"
+            "g.run = run\n"
+            "from streamingllm.cli import main\n"
+            "sys.exit(main(['generate', 'hi']))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" in run.stderr and "TypeError: a bug in run" in run.stderr
+    assert "streamingllm: error" not in run.stderr
+
+
+def test_chat_refuses_a_model_without_a_chat_template(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from streamingllm.cli import chat
+
+    monkeypatch.setattr(chat, "load_model", lambda args: (None, SimpleNamespace(chat_template=None)))
+    assert main(["chat", "--model", "base-model"]) == 2
+    assert capsys.readouterr().err == ("streamingllm: error: --model must be a chat (instruct) model: its tokenizer "
+                                       "has no chat template, got 'base-model'\n")
 
 
 def test_non_integer_size_is_rejected_by_argparse(capsys):

@@ -385,7 +385,7 @@ def test_a_cache_reaching_the_trained_length_warns():
 
 
 def test_a_cache_too_large_for_memory_is_refused_before_allocating(monkeypatch):
-    import streamingllm.cache as cache_module
+    import streamingllm.cache.checks as cache_module  # where the construction checks read the free memory
     from streamingllm.cache import CacheTooLargeError
     from streamingllm.memory import storage_bytes
 
@@ -450,11 +450,11 @@ def test_rope_scalings_that_change_with_length_are_refused(params):
 def test_the_sink_store_lives_on_each_layers_device():
     """device_map: each layer's stored and rotated sinks sit on that layer's device (here the CPU
     and the shape-only meta device stand in for two devices)."""
-    from streamingllm.cache import SinkKeys, _layer_devices
+    from streamingllm.cache import SinkStore, layer_devices
     from streamingllm.rotation import Rotator
 
     cpu, meta = torch.device("cpu"), torch.device("meta")
-    sinks = SinkKeys(Rotator(torch.ones(4)), [cpu, meta, cpu])
+    sinks = SinkStore(Rotator(torch.ones(4)), [cpu, meta, cpu])
     sinks.allocate(3, torch.zeros(1, 2, 5, 8), 4)
     assert [sinks.stored(i).device for i in range(3)] == [cpu, meta, cpu]
     assert [g[0].shape[0] for g in sinks.groups] == [2, 1] and sinks.groups[1][1].device == meta
@@ -463,7 +463,7 @@ def test_the_sink_store_lives_on_each_layers_device():
     sinks.rotate_all(2, 5)
     assert sinks.for_layer(1, 2, (5,)).device == meta and sinks.for_layer(2, 2, (5, 6)).shape == (1, 2, 4, 8)
     assert sinks.for_layer(0, 2, (5,)).abs().sum() == 0 and sinks.for_layer(2, 2, (5,)).abs().sum() > 0
-    assert _layer_devices(tiny_model("llama"), 2) == [cpu, cpu] and _layer_devices(tiny_config("llama"), 2) is None
+    assert layer_devices(tiny_model("llama"), 2) == [cpu, cpu] and layer_devices(tiny_config("llama"), 2) is None
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_neox", "bloom"])

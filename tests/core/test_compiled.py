@@ -89,13 +89,13 @@ def test_handed_out_position_ids_are_recognised_without_reading_them():
     cache = SinkCache(model, 4, 16)
     prefill(model, cache, torch.randint(0, VOCAB, (1, 40)))
     ids = cache.position_ids(1, device="meta")
-    assert cache._first_position(ids) == cache.timeline.next_position()
-    assert cache._first_position(ids.reshape(1, 1)) == cache.timeline.next_position()  # a view, as models pass it
+    assert cache._handed.first(ids) == cache.timeline.next_position()
+    assert cache._handed.first(ids.reshape(1, 1)) == cache.timeline.next_position()  # a view, as models pass it
     mine = torch.tensor([[7]])
-    assert cache._first_position(mine) == 7  # not handed out: read
+    assert cache._handed.first(mine) == 7  # not handed out: read
     handed = cache.position_ids(1)
     handed.fill_(3)  # modified after it was handed out: read again
-    assert cache._first_position(handed) == 3
+    assert cache._handed.first(handed) == 3
 
 
 def test_single_rotations_come_from_a_table_equal_to_the_direct_computation():
@@ -114,11 +114,11 @@ def test_a_ring_step_writes_every_layers_sinks_at_once():
     model = tiny_model("llama")
     cache = SinkCache(model, 4, 16)
     prefill(model, cache, torch.randint(0, VOCAB, (1, 40)))
-    keys, _ = cache.sinks.buffers[0]
+    keys = cache.groups[0].buffers.keys[0]
     assert all(layer.keys.data_ptr() == keys[i].data_ptr() for i, layer in enumerate(cache.layers))
     calls = []
-    original = cache.sinks.rotate_into_buffers
-    cache.sinks.rotate_into_buffers = lambda *a: (calls.append(a), original(*a))
+    original = cache.sinks.rotate_into
+    cache.sinks.rotate_into = lambda *a: (calls.append(a), original(*a))
     cache.prepare_decode_step()
     assert len(calls) == 1
 

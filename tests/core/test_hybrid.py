@@ -249,7 +249,7 @@ def test_the_reference_tells_the_sliding_policy_apart(family, sink_size, window_
 
 @pytest.mark.parametrize("family", MIXED)
 def test_a_cache_giving_the_sliding_layers_sinks_fails(family, monkeypatch):
-    import streamingllm.cache as cache_module
+    import streamingllm.cache.groups as cache_module  # where the groups are built
 
     model = tiny_model(family)
     ids = _ids(60, 12)
@@ -265,8 +265,8 @@ def test_a_cache_whose_sliding_layers_miss_a_rebase_fails(family, monkeypatch):
     ids = _ids(60, 13)
     plan = Timeline.plan
 
-    def stale(self, q, p0):
-        step = plan(self, q, p0)
+    def stale(self, q, p0, *rest):
+        step = plan(self, q, p0, *rest)
         return step if not self.masks_itself else type(step)(**{**step.__dict__, "shift": 0})
 
     monkeypatch.setattr(Timeline, "plan", stale)
@@ -276,7 +276,7 @@ def test_a_cache_whose_sliding_layers_miss_a_rebase_fails(family, monkeypatch):
 
 def test_a_cache_rotating_sliding_keys_with_the_global_base_fails(monkeypatch):
     """Gemma 3's sliding layers rotated with the global layers' RoPE (base 1e6, scaled): a wrong frame."""
-    import streamingllm.cache as cache_module
+    import streamingllm.cache.groups as cache_module  # where the groups are built
 
     model = tiny_model("gemma3")
     ids = _ids(60, 14)

@@ -55,6 +55,25 @@ except MissingExtraError as err:
 """
 
 
+NO_RESOURCE = """
+import sys
+try:
+    import psutil  # transformers imports it, and on Linux (not on Windows) psutil needs resource
+except ImportError:
+    pass
+sys.modules["resource"] = None  # as on Windows: importing it fails
+import streamingllm
+from streamingllm import memory
+from streamingllm.cli import build_parser
+build_parser()
+here = memory.rss_bytes()  # Linux's /proc still answers without the resource module
+memory.STATM = "/nonexistent/statm"  # and now nothing does
+memory.PeakMemory._clear_refs = staticmethod(lambda: False)
+peak = memory.PeakMemory("cpu")
+print(here > 0, memory.rss_bytes(), peak.source, peak.current(), peak.peak())
+"""
+
+
 def _run(code: str) -> subprocess.CompletedProcess:
     tests = Path(__file__).resolve().parents[1]
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
@@ -77,3 +96,23 @@ def test_a_missing_extra_is_named():
     run = _run(EXTRA)
     assert "pip install 'streamingllm[plots]'" in run.stdout, run.stderr[-3000:]
     assert "pip install 'streamingllm[serve]'" in run.stdout, run.stderr[-3000:]
+
+
+def test_the_package_imports_where_the_resource_module_is_missing():
+    """``resource`` is POSIX-only: without it the package and the command line import, and resident
+    memory is read from /proc, or is None where nothing can read it (PeakMemory then says "none")."""
+    run = _run(NO_RESOURCE)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.split() == ["True", "None", "none", "0", "0"]
+
+
+def test_resident_memory_falls_back_to_the_peak_without_proc(monkeypatch):
+    import resource
+
+    from streamingllm import memory
+
+    now = memory.rss_bytes()
+    assert now == int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
+    monkeypatch.setattr(memory, "STATM", "/nonexistent/statm")
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    assert memory.rss_bytes() >= peak >= now // 2 and memory.PeakMemory("cpu").source in ("rss", "rss_hwm")

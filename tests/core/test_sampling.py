@@ -1,4 +1,5 @@
-"""Choosing tokens: penalties on recent tokens, a minimum reply length, stop strings."""
+"""Choosing tokens: penalties on recent tokens, a minimum reply length, stop strings; the token
+chooser and the reply text that generation, sessions and the server share."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import torch
 
 from streamingllm import Sampling, SinkCache, generate_tokens, prefill
 from streamingllm.checks import ArgumentError
+from streamingllm.sampling import TokenChooser
 from streamingllm.session import StopStrings
+from streamingllm.text import ReplyText
 from tiny import VOCAB, tiny_model
 
 
@@ -74,3 +77,44 @@ def test_stop_strings_hold_back_what_may_start_one():
     assert shown == ["Hello ", "wor", "ld ", "", ""] and stops.stopped  # "ST" held back, then the stop found
     loose = StopStrings(("</s>",))
     assert "".join(loose.add(p) for p in ["a<", "/", "x"]) + loose.flush() == "a</x"  # a false start is shown
+
+
+def test_the_chooser_remembers_the_last_n_tokens_and_suppresses_stops_for_min_new_tokens():
+    logits = torch.zeros(1, 5)
+    logits[0, 4] = 10.0  # token 4, a stop token, wins whenever it is allowed
+    choose = TokenChooser(Sampling(presence_penalty=0.1, penalty_last_n=3), torch.tensor([1, 2, 3, 0]), "cpu",
+                          stop_token_ids={4}, min_new_tokens=2)
+    assert choose.recent.tolist() == [[2, 3, 0]]  # the prompt's last 3
+    got = [int(choose(logits)[0]) for _ in range(3)]
+    assert got == [1, 2, 4]  # the unpenalised token, then the one that left the memory, then the stop
+    assert choose.recent.tolist() == [[1, 2, 4]] and choose.chosen == 3
+    assert choose.is_stop(torch.tensor([4, 1])).tolist() == [True, False]
+    plain = TokenChooser(Sampling(), torch.tensor([1]), "cpu")
+    assert plain.recent is None and plain.generator is None  # nothing kept without penalties or a seed
+
+
+def test_seeded_choosers_repeat_each_other():
+    logits = torch.randn(1, VOCAB, generator=torch.Generator().manual_seed(3))
+    sampling = Sampling(temperature=1.5, top_k=40, top_p=0.9, seed=9, frequency_penalty=0.5)
+    runs = [[int(c(logits)[0]) for _ in range(20)] for c in (TokenChooser(sampling, [1, 2], "cpu") for _ in range(2))]
+    other = TokenChooser(Sampling(temperature=1.5, top_k=40, top_p=0.9, seed=10, frequency_penalty=0.5), [1, 2], "cpu")
+    assert runs[0] == runs[1] != [int(other(logits)[0]) for _ in range(20)]
+
+
+class Pieces:
+    """A tokenizer whose token i decodes to PIECES[i]."""
+
+    PIECES = ["Hello", " wor", "ld", " ST", "OP", " more"]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(self.PIECES[i] for i in ids)
+
+
+def test_reply_text_shows_tokens_up_to_a_stop_string():
+    reply = ReplyText(Pieces(), stop=["STOP"])
+    assert [reply.add(i) for i in range(5)] == ["Hello", " wor", "ld", " ", ""]  # "ST" held back, then the stop
+    assert reply.stopped and reply.text == "Hello world " and reply.flush() == ""
+    assert reply.token_ids == [0, 1, 2, 3, 4]  # what the model wrote, stop string included
+    held = ReplyText(Pieces(), stop=["STOPPED"])
+    assert [held.add(i) for i in (0, 3, 4)] == ["Hello", " ", ""] and not held.stopped
+    assert held.flush() == "STOP" and held.text == "Hello STOP"  # a false start is shown when the reply ends

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -146,8 +147,21 @@ def test_real_download_and_parse(tmp_path, monkeypatch):
 # --- text sources and token windows ---------------------------------------------------------
 
 
-def test_corpus_error_is_a_value_error():
-    assert issubclass(CorpusError, ValueError)
+def test_a_text_that_cannot_be_read_is_a_corpus_error_naming_the_file(tmp_path):
+    """Each way reading fails names the file and why, as a CorpusError; library callers that catch
+    ValueError catch it too."""
+    missing, latin1, blank = tmp_path / "missing.txt", tmp_path / "latin1.txt", tmp_path / "blank.txt"
+    latin1.write_bytes("café".encode("latin-1"))
+    blank.write_text(" \n\n ")
+    with pytest.raises(CorpusError, match=f"^cannot read text file {re.escape(str(missing))}: No such file"):
+        TextSource(files=[missing]).read()
+    with pytest.raises(ValueError, match=f"^cannot read text file {re.escape(str(latin1))}: 'utf-8' codec") as info:
+        TextSource(files=[latin1]).read()
+    assert isinstance(info.value, CorpusError)
+    with pytest.raises(CorpusError, match="^the text of blank.txt is empty: give some text$"):
+        TextSource(files=[blank]).read()
+    with pytest.raises(CorpusError, match="^the text gives 1 token\\(s\\): need at least 2 to score one$"):
+        tokenize_window(Words(bos=False), "a")
 
 
 @pytest.mark.parametrize(

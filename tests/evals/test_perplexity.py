@@ -239,7 +239,15 @@ def test_reports_are_well_formed(tmp_path):
         rows = list(csv.DictReader(f))
     assert set(rows[0]) == {"label", "method", "sink_size", "window_size", "token", "nll"}
     expected = sum(len(r.nll) for r in results)
-    assert len(rows) == expected and all(float(r["nll"]) >= 0 for r in rows)
+    assert len(rows) == expected
+    # the dense rows hold each token's NLL under the model: -log softmax(logits of the token before)[token],
+    # written out by hand here (no cross_entropy), token index by token index
+    with torch.no_grad():
+        logits = model(input_ids=ids[None], use_cache=False).logits[0, :-1].double()
+    by_hand = torch.logsumexp(logits, -1) - logits[torch.arange(len(ids) - 1), ids[1:]]
+    dense_rows = {int(r["token"]): float(r["nll"]) for r in rows if r["label"] == "dense"}
+    assert sorted(dense_rows) == list(range(1, len(ids)))
+    assert max(abs(dense_rows[t] - by_hand[t - 1].item()) for t in dense_rows) <= TOL
     back = read_nll_csv(tmp_path / "nll.csv")
     assert [b.setting.label for b in back] == [r.setting.label for r in results]
     for b, r in zip(back, results):

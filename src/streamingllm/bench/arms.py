@@ -14,8 +14,6 @@
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from ..baselines import RecomputeWindow
@@ -23,6 +21,7 @@ from ..cache import SinkCache
 from ..compat import cache_argument, new_dense_cache
 from ..compiled import DecodeStep, compile_kwargs, compiling
 from ..feed import prefill
+from .schedule import timed
 
 FILL_CHUNK = 256  # tokens per forward when filling caches (untimed)
 
@@ -63,11 +62,7 @@ class Forward:
 
     def timed(self, fn, *args) -> float:
         """Run ``fn(*args)``; returns its wall-clock seconds, the device synchronised before and after."""
-        self.sync()
-        t0 = time.perf_counter()
-        fn(*args)
-        self.sync()
-        return time.perf_counter() - t0
+        return timed(fn, *args, sync=self.sync)
 
 
 def held_tokens(cache) -> int:

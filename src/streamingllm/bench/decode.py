@@ -1,7 +1,8 @@
 """Per-token decode latency and memory against cache size: the paper's Figure 10.
 
 Every arm holds N tokens before each timed step. The arms are interleaved in blocks of steps,
-their order rotating every round, so machine noise hits all of them alike.
+their order rotating every round (:func:`~streamingllm.bench.schedule.interleave`), so machine
+noise hits all of them alike.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..memory import MIB, PeakMemory, release_freed_memory, storage_bytes
 from ..report import progress_bar
 from .arms import Arm, Forward
 from .roofline import copy_bandwidth, limit_ms
+from .schedule import interleave
 from .stats import add_ratios, latency_stats
 
 METHODS = ("streaming", "streaming-compiled", "dense", "dense-compiled", "recompute", "llama.cpp")
@@ -151,7 +153,10 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
             if not arms:  # every arm dropped
                 continue
             bar.set_description(f"decode N={n}")
-            times = _interleave(arms, counts, warms, toks, a["steps"], a["block"], bar)
+            times = interleave({m: _stepper(arm, toks, warms[m]) for m, arm in arms.items()},
+                               {m: counts[m] for m in arms}, a["block"], rounds=math.ceil(a["steps"] / a["block"]),
+                               sync=next(iter(fwds.values())).sync, after={m: arm.after for m, arm in arms.items()},
+                               on_step=lambda m: bar.update(1))
             for m, arm in arms.items():
                 arm.check_held()
                 stats = latency_stats(times[m])
@@ -199,17 +204,6 @@ def _llama_ready(gguf) -> bool:
     return why is None
 
 
-def _interleave(arms: dict[str, Arm], counts: dict, warms: dict, toks, steps: int, block: int, bar) -> dict:
-    """Time ``counts[m]`` steps of each arm in rounds of about ``block`` steps, the arm order
-    rotating every round; returns each arm's latencies (seconds)."""
-    order = list(arms)
-    rounds = math.ceil(steps / block) if order != ["recompute"] else counts["recompute"]
-    times = {m: [] for m in order}
-    for r in range(rounds):
-        for m in order[r % len(order):] + order[: r % len(order)]:
-            arm, tt = arms[m], times[m]
-            for _ in range((r + 1) * counts[m] // rounds - r * counts[m] // rounds):
-                tt.append(arm.fwd.timed(arm.step, toks[warms[m] + len(tt)]))
-                arm.after()
-                bar.update(1)
-    return times
+def _stepper(arm: Arm, toks: torch.Tensor, first: int) -> Callable[[int], None]:
+    """The arm's timed call ``i``: one step on token ``first + i`` (the tokens before went to its warm-up)."""
+    return lambda i: arm.step(toks[first + i])

@@ -151,6 +151,17 @@ def decode_table(rows: Sequence[dict]) -> str:
             "KV read once, at the measured copy bandwidth)")
 
 
+def batch_table(rows: Sequence[dict]) -> str:
+    """A terminal table of :func:`~streamingllm.bench.batch.bench_batch`'s rows, and a legend line."""
+    table = format_table(
+        ["size", "streams", "ms per step", "p90", "step / smallest", "tokens/s", "speed-up"],
+        [[str(r["size"]), str(r["batch"]) + ("" if r["stacked"] or r["batch"] == 1 else " (one by one)"),
+          f"{r['median_ms']:.2f}", f"{r['p90_ms']:.2f}", f"{r['step_ratio']:.2f}", f"{r['tokens_per_s']:.1f}",
+          f"{r['speedup']:.2f}x"] for r in rows], first_left=False)
+    return (f"{table}\nms per step = median of one step of all the streams (p90: 90th percentile); step / smallest "
+            "and speed-up (tokens/s) against the smallest batch at the same size, from one interleaved run")
+
+
 def stream_table(result: StreamResult) -> str:
     """A terminal table of the stream samples, then :func:`stream_summary`."""
     gpu = any(r.get("gpu_mib") is not None for r in result.rows)

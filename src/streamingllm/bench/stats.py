@@ -1,8 +1,12 @@
-"""Latency statistics: per-token summaries and the ratios between arms."""
+"""Latency statistics: per-token summaries and the ratios between arms.
+
+Ratios are taken between the arms of one interleaved run (:mod:`.schedule`), never between
+numbers from separate runs.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 
@@ -30,6 +34,27 @@ def latency_stats(samples_s: Iterable[float]) -> dict:
         raise ArgumentError("samples_s", "must be finite and >= 0 (seconds)", samples_s)
     median, p90 = np.percentile(xs, [50, 90])
     return {"median_ms": float(median), "p90_ms": float(p90), "mean_ms": float(xs.mean()), "n": int(xs.size)}
+
+
+def arm_stats(times_s: Mapping[str, Iterable[float]], baseline: str | None = None) -> dict[str, dict]:
+    """:func:`latency_stats` of each arm of one interleaved run, and its ratio to the baseline arm.
+
+    Args:
+        times_s: ``{arm: latencies in seconds}``, as :func:`~streamingllm.bench.schedule.interleave` returns.
+        baseline: the arm the others are compared with (one of ``times_s``), or None for no ratios.
+
+    Returns:
+        ``{arm: {"median_ms", "p90_ms", "mean_ms", "n", "vs_baseline"}}``: ``vs_baseline`` is the
+        arm's median over the baseline's (below 1: faster than the baseline); None without a baseline
+        (or when the baseline's median is 0).
+    """
+    if baseline is not None and baseline not in times_s:
+        raise ArgumentError("baseline", f"must be one of the arms ({', '.join(map(str, times_s))})", baseline)
+    out = {arm: latency_stats(xs) for arm, xs in times_s.items()}
+    base = None if baseline is None else out[baseline]["median_ms"]
+    for s in out.values():
+        s["vs_baseline"] = s["median_ms"] / base if base else None
+    return out
 
 
 def _medians(rows: Iterable[dict]) -> dict[tuple[int, str], float]:

@@ -67,7 +67,8 @@ class Snapshot:
     @classmethod
     def take(cls, cache, tokens: int, device) -> Snapshot:
         gpu = cuda_allocated_bytes(device)
-        return cls(tokens, storage_layout(cache), rss_bytes() / MIB, None if gpu is None else gpu / MIB)
+        rss = rss_bytes() or 0  # 0 where the platform gives no reading, as PeakMemory reports it
+        return cls(tokens, storage_layout(cache), rss / MIB, None if gpu is None else gpu / MIB)
 
 
 @dataclass

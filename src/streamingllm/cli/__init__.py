@@ -3,8 +3,9 @@
 One module per command: ``generate`` and ``chat`` (over the core), ``perplexity`` (over
 :mod:`streamingllm.evals`) and ``bench`` (over :mod:`streamingllm.bench`); ``options`` holds the
 options they share. The library never imports this package.
-Errors are one line on stderr and exit status 2; library messages name the Python parameter and
-are shown with the matching flag.
+The errors users cause are one line on stderr and exit status 2 (:data:`USER_ERRORS`): the
+library's documented errors, whose messages name the Python parameter and are shown with the
+matching flag, and the command line's own. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,10 +16,22 @@ import warnings
 
 from .. import __version__
 from ..checks import ArgumentError
+from ..client import ServerError, ServerUnreachableError
+from ..evals.corpus import CorpusError
 from ..extras import MissingExtraError
 from ..families import UnsupportedModelError
 from ..models import ModelLoadError
-from .options import HelpFormatter
+from ..timeline import ApproximateChunkError
+from .options import CommandError, HelpFormatter
+
+#: The exceptions that mean the user asked for something impossible, shown as one line. The
+#: library's documented errors (an ArgumentError names its parameter, shown as the flag; the cache
+#: too large for memory is one), the command line's own, and OSError: a file, folder or port named
+#: on the command line that cannot be used (the message names it). Anything else is a bug.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ArgumentError, CommandError, UnsupportedModelError, ApproximateChunkError, CorpusError, ModelLoadError,
+    MissingExtraError, ServerError, ServerUnreachableError, OSError,
+)
 
 DESCRIPTION = """\
 Endless text streams with constant memory for Hugging Face causal LMs (StreamingLLM:
@@ -56,10 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     try:
         return args.run(args)
-    except ArgumentError as err:
-        print(f"streamingllm: error: {err.as_flag()}", file=sys.stderr)
-    except (ValueError, TypeError, ModelLoadError, UnsupportedModelError, MissingExtraError, OSError) as err:
-        print(f"streamingllm: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        message = err.as_flag() if isinstance(err, ArgumentError) else str(err)
+        print(f"streamingllm: error: {message}", file=sys.stderr)
     except KeyboardInterrupt:
         print("", file=sys.stderr)
         return 130

@@ -1,5 +1,7 @@
 """``streamingllm bench decode|stream``: flags to keyword arguments, then tables, CSV and PNG files.
 
+``bench decode --batch B ...`` times batched decode instead (:mod:`streamingllm.bench.batch`).
+
 Flags are named after the library's parameters (``--sink-size`` is ``sink_size``), so the
 library's own checks speak for them; only the command's own flags are checked here.
 """
@@ -16,9 +18,11 @@ import torch
 from ..checks import ArgumentError, check_int
 from .options import add_cache_options, add_model_options, add_parser, load_model
 from ..report import pyplot, write_csv
+from ..bench.batch import BATCH_COLUMNS, bench_batch, check_batch_args
 from ..bench.decode import DECODE_COLUMNS, METHODS, bench_decode, check_decode_args
 from ..bench.llamacpp import gguf_of
-from ..bench.report import decode_table, load_average, machine_info, plot_decode, plot_stream, stream_table
+from ..bench.report import (batch_table, decode_table, load_average, machine_info, plot_decode, plot_stream,
+                            stream_table)
 from ..bench.stream import STREAM_COLUMNS, STREAM_METHODS, bench_stream, check_stream_args
 
 
@@ -28,8 +32,12 @@ def register(sub) -> None:
     what = p.add_subparsers(dest="what", required=True, metavar="BENCHMARK")
     d = add_parser(what, "decode", "per-token latency and peak memory against cache size (the paper's Figure 10)")
     d.add_argument("--sizes", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096], help="cache sizes (tokens)")
-    d.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
-                   help="arms to run (streaming-compiled compiles once per size)")
+    d.add_argument("--methods", nargs="+", default=None, choices=METHODS,
+                   help="arms to run (when not given: all; streaming-compiled compiles once per size)")
+    d.add_argument("--batch", type=int, nargs="+", default=None, metavar="B",
+                   help="batched decode instead: one step of B streams at once (each a full streaming cache of "
+                   "each --sizes), for each B, against the smallest B; the streaming cache only (not with "
+                   "--methods, --variants, --recompute-steps); writes batch.csv")
     d.add_argument("--steps", type=int, default=64, help="timed decode steps per arm and size")
     d.add_argument("--warmup", type=int, default=8, help="untimed steps per arm and size (recompute runs <= 2)")
     d.add_argument("--recompute-steps", type=int, default=None,
@@ -104,11 +112,17 @@ def _show(v) -> str:
 
 def run(args) -> int:
     """Run ``streamingllm bench decode|stream`` from parsed arguments; returns the exit status."""
-    check = check_decode_args if args.what == "decode" else check_stream_args
+    what = "batch" if args.what == "decode" and args.batch is not None else args.what
+    if what == "batch":
+        _refuse_with_batch(args)
+    elif what == "decode" and args.methods is None:
+        args.methods = list(METHODS)
+    check = {"decode": check_decode_args, "batch": check_batch_args, "stream": check_stream_args}[what]
     a = check(**{k: getattr(args, k) for k in inspect.signature(check).parameters})  # before loading anything
-    text = _read_text(args) if args.what == "stream" else None
-    variants = _variants(args) if args.what == "decode" else {}
-    pyplot()  # the plots' extra, before the run rather than after
+    text = _read_text(args) if what == "stream" else None
+    variants = _variants(args) if what == "decode" else {}
+    if what != "batch":
+        pyplot()  # the plots' extra, before the run rather than after
     if args.threads is not None:
         torch.set_num_threads(check_int("threads", args.threads, 1))
     out = Path(args.out)
@@ -120,20 +134,20 @@ def run(args) -> int:
     info = machine_info(model, args.device)
     print(f"model {args.model} ({weights}) loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     print(f"machine: {info}")
-    print(f"{args.what}: " + ", ".join(f"{k.replace('_', ' ')} {_show(v)}" for k, v in a.items()))
+    print(f"{what}: " + ", ".join(f"{k.replace('_', ' ')} {_show(v)}" for k, v in a.items()))
     title = f"{args.model} ({weights}), {args.dtype}, {info.split(' | ')[0]}"
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if args.what == "decode":
-        def report(r: dict) -> None:  # one line per arm as soon as a size is done (useful in logs)
-            print(f"  N={r['size']} {r['method']}: median {r['median_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms, "
-                  f"peak {r['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
-
+    if what == "decode":
         gguf = None if args.random_weights else gguf_of(args.model)
-        rows = bench_decode(model, **a, seed=args.seed, progress=not args.no_progress, on_row=report, gguf=gguf,
+        rows = bench_decode(model, **a, seed=args.seed, progress=not args.no_progress, on_row=_report, gguf=gguf,
                             variants={v: load_model(args, *variant)[0] for v, variant in variants.items()})
         print(decode_table(rows))
         files = [write_csv(rows, out / "decode.csv", DECODE_COLUMNS), plot_decode(rows, out / "decode.png", title)]
+    elif what == "batch":
+        rows = bench_batch(model, **a, seed=args.seed, progress=not args.no_progress, on_row=_report)
+        print(batch_table(rows))
+        files = [write_csv(rows, out / "batch.csv", BATCH_COLUMNS)]
     else:
         ids = None if text is None else tokenizer(text, return_tensors="pt").input_ids[0]
         result = bench_stream(model, **a, token_ids=ids, seed=args.seed, progress=not args.no_progress)
@@ -142,3 +156,20 @@ def run(args) -> int:
                  plot_stream(result.rows, out / "stream.png", title)]
     print(f"done in {time.perf_counter() - t0:.1f} s{load_average()}; wrote {', '.join(str(f) for f in files)}")
     return 0
+
+
+def _refuse_with_batch(args) -> None:
+    """``--batch`` times the streaming cache alone: refuse the flags that choose other arms."""
+    given = [name for name, value in (("methods", args.methods), ("variants", args.variants or None),
+                                      ("recompute_steps", args.recompute_steps)) if value is not None]
+    if given:
+        raise ArgumentError("batch", f"times the streaming cache alone: not with {', '.join(given)}",
+                            mentions=tuple(given))
+
+
+def _report(r: dict) -> None:
+    """One line per row as soon as a size is done (useful in logs)."""
+    arm = f"B={r['batch']}" if "batch" in r else r["method"]
+    peak = f", peak {r['peak_mib']:.0f} MiB" if "peak_mib" in r else f", {r['tokens_per_s']:.1f} tokens/s"
+    print(f"  N={r['size']} {arm}: median {r['median_ms']:.3f} ms, p90 {r['p90_ms']:.3f} ms{peak}", file=sys.stderr,
+          flush=True)

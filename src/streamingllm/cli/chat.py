@@ -1,4 +1,9 @@
-"""``streamingllm chat``: a multi-turn chat whose memory stays bounded by the cache."""
+"""``streamingllm chat``: a multi-turn chat whose memory stays bounded by the cache.
+
+The chat runs on a :class:`~streamingllm.client.Conversation`: a local
+:class:`~streamingllm.session.Session`, or a :class:`~streamingllm.client.RemoteSession` with
+``--server``. Only opening it differs; the loop asks the conversation what it can do.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +11,14 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NamedTuple
 
-from .options import (add_cache_options, add_compile_option, add_generation_options, add_model_options, add_parser,
-                      check_generation_options, load_model, say)
-from .remote import RemoteSession, ServerError
+from ..checks import ArgumentError
+from ..client import Conversation, ServerError
+from .options import (CommandError, add_cache_options, add_compile_option, add_generation_options, add_model_options,
+                      add_parser, check_chat_model, check_generation_options, load_model, say)
 
 
 def register(sub) -> None:
@@ -31,45 +40,61 @@ def register(sub) -> None:
     c.set_defaults(run=run)
 
 
+class Opened(NamedTuple):
+    """A conversation ready to chat on, and how to present it."""
+
+    conversation: Conversation
+    banner: str  # the first line on stderr: the model and the cache
+    cache_name: str  # how the stats lines name the cache
+
+
 def run(args) -> int:
     sampling = check_generation_options(args, min_new_tokens=1)
-    if args.server is not None:
-        return _run_remote(args, sampling)
+    with (_connect if args.server is not None else _load)(args, sampling) as opened:
+        interactive = sys.stdin.isatty()
+        if interactive:
+            _line_editing()
+        print(f"{opened.banner}. /help for commands, Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
+        return _loop(opened.conversation, opened.cache_name, interactive)
+
+
+@contextmanager
+def _load(args, sampling) -> Iterator[Opened]:
+    """A local :class:`~streamingllm.session.Session` on the model of ``--model``."""
     from ..compiled import DecodeStep
     from ..session import Session
 
     model, tokenizer = load_model(args)
+    check_chat_model(tokenizer, args.model)
     session = Session(model, tokenizer, args.sink_size, args.window_size, system=args.system, sampling=sampling,
                       max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
                       min_new_tokens=args.min_new_tokens, stop=args.stop, pin_system=args.pin_system,
                       compile=DecodeStep(model, args.compile, on_compile=say))
-    cache, interactive = session.cache, sys.stdin.isatty()
-    if interactive:
-        _line_editing()
+    cache = session.cache
     pinned = f", system prompt pinned ({session.pinned_tokens} tokens)" if session.pinned_tokens else ""
-    print(f"streamingllm chat: {args.model}, cache {cache.sink_size}+{cache.window_size} tokens{pinned}. "
-          "/help for commands, Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
-    return _loop(session, interactive)
+    banner = f"streamingllm chat: {args.model}, cache {cache.sink_size}+{cache.window_size} tokens{pinned}"
+    yield Opened(session, banner, "cache")
 
 
-def _run_remote(args, sampling) -> int:
-    """The chat over a running ``streamingllm serve`` at ``args.server``: no model is loaded here."""
-    session = RemoteSession(args.server, args.api_key, system=args.system, pin_system=args.pin_system,
-                            sampling=sampling, max_new_tokens=args.max_new_tokens,
-                            min_new_tokens=args.min_new_tokens, stop=args.stop)
+@contextmanager
+def _connect(args, sampling) -> Iterator[Opened]:
+    """A conversation held by the running ``streamingllm serve`` at ``--server``: no model is loaded
+    here. Its server session is deleted when the chat ends."""
+    from ..client import RemoteSession, server_url
+
     try:
-        interactive = sys.stdin.isatty()
-        if interactive:
-            _line_editing()
+        server_url(args.server)
+    except ArgumentError as err:  # the library names its parameter, url; here it is --server
+        raise ArgumentError("server", err.requirement, args.server) from None
+    with RemoteSession(args.server, args.api_key, system=args.system, pin_system=args.pin_system, sampling=sampling,
+                       max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                       stop=args.stop) as remote:
         pinned = ", system prompt pinned" if args.pin_system and args.system else ""
-        print(f"streamingllm chat: {session.model} at {session.url}, cache {session.sink_size}+{session.window_size} "
-              f"tokens per session{pinned}. /help for commands, Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
-        return _loop(session, interactive)
-    finally:
-        session.close()
+        yield Opened(remote, f"streamingllm chat: {remote.model} at {remote.url}, cache {remote.sink_size}+"
+                             f"{remote.window_size} tokens per session{pinned}", "server cache")
 
 
-def _loop(session, interactive: bool) -> int:
+def _loop(chat: Conversation, cache_name: str, interactive: bool) -> int:
     """Read lines until the end of input: /commands, or a user message whose reply is printed."""
     while True:
         try:
@@ -87,40 +112,37 @@ def _loop(session, interactive: bool) -> int:
         if not line:
             continue
         if line.startswith("/"):
-            _command(session, line)
+            _command(chat, cache_name, line)
             continue
         print("bot> ", end="", flush=True)
         try:
-            stopped = _reply(session, line)
-        except ServerError as err:  # the server refused or broke this reply (--server); the chat goes on
+            stopped = _reply(chat, line)
+        except ServerError as err:  # a server refused or broke this reply; the conversation is as it was
             print(flush=True)
             print(f"error: {err}", file=sys.stderr, flush=True)
             continue
         if stopped:
             print(" [stopped]", end="", file=sys.stderr, flush=True)
         print(flush=True)  # the reply's newline goes with the reply (stdout), so piped output stays readable
-        if stopped and isinstance(session, RemoteSession):
-            _refresh(session)  # no final chunk came with the session's numbers
-        print(_stats(session), file=sys.stderr, flush=True)
+        print(_stats(chat, cache_name, refresh=stopped), file=sys.stderr, flush=True)
 
 
-def _reply(session, line: str) -> bool:
-    """Print the reply to ``line`` as it comes. Ctrl-C stops it between two tokens (never inside a
-    forward pass, which would leave the cache half-written); what was shown stays in the
-    conversation. Returns True when stopped.
+def _reply(chat: Conversation, line: str) -> bool:
+    """Print the reply to ``line`` as it comes. Ctrl-C stops it between two pieces; what was shown
+    stays in the conversation. Returns True when stopped.
 
-    With --server, the stop closes the connection (the server cancels the reply); a second
-    Ctrl-C stops waiting for the server's next token at once."""
+    Where the conversation is interruptible (a server's), a second Ctrl-C stops waiting for the
+    next piece at once; otherwise a reply is never interrupted inside a forward pass, which would
+    leave the cache half-written."""
     stop = threading.Event()
-    remote = isinstance(session, RemoteSession)
 
     def interrupt(*_):
-        if remote and stop.is_set():
+        if chat.interruptible and stop.is_set():
             raise KeyboardInterrupt
         stop.set()
 
     previous = signal.signal(signal.SIGINT, interrupt)
-    reply = session.reply(line)
+    reply = chat.reply(line)
     try:
         for piece in reply:
             sys.stdout.write(piece)
@@ -128,10 +150,10 @@ def _reply(session, line: str) -> bool:
             if stop.is_set():
                 break
     except KeyboardInterrupt:
-        if not remote:
+        if not chat.interruptible:
             raise
     finally:
-        reply.close()  # closes the turn in the cache
+        reply.close()  # closes the turn (in the cache, or on the server)
         signal.signal(signal.SIGINT, previous)
     return stop.is_set()
 
@@ -145,53 +167,45 @@ COMMANDS = {
 }
 
 
-def _command(session, line: str) -> None:
+def _command(chat: Conversation, cache_name: str, line: str) -> None:
     """Run one /command; problems are reported on one line and the chat goes on."""
     name, _, arg = line.partition(" ")
     arg = arg.strip()
     try:
         if name == "/reset":
-            session.reset()
+            chat.reset()
             print("[conversation reset]", file=sys.stderr)
         elif name in ("/save", "/load"):
-            if isinstance(session, RemoteSession):
-                raise ValueError(f"{name} works in a local chat only: with --server the cache is on the server")
+            if not chat.can_save:
+                raise CommandError(f"{name} works in a local chat only: with --server the cache is on the server")
             if not arg:
-                raise ValueError(f"{name} needs a file name: {name} FILE")
-            (session.save if name == "/save" else session.load)(arg)
-            print(f"[{'saved to' if name == '/save' else 'loaded'} {arg}; {_stats(session)[1:-1]}]", file=sys.stderr)
+                raise CommandError(f"{name} needs a file name: {name} FILE")
+            (chat.save if name == "/save" else chat.load)(arg)
+            print(f"[{'saved to' if name == '/save' else 'loaded'} {arg}; {_stats(chat, cache_name)[1:-1]}]",
+                  file=sys.stderr)
         elif name == "/stats":
-            if isinstance(session, RemoteSession):
-                session.refresh()
-            print(_stats(session), file=sys.stderr)
+            print(_stats(chat, cache_name, refresh=True), file=sys.stderr)
         elif name == "/help":
             for usage, what in COMMANDS.items():
                 print(f"  {usage:<11} {what}", file=sys.stderr)
         else:
-            raise ValueError(f"unknown command {name}; one of {', '.join(c.split()[0] for c in COMMANDS)}")
-    except (ValueError, OSError) as err:
+            raise CommandError(f"unknown command {name}; one of {', '.join(c.split()[0] for c in COMMANDS)}")
+    # What the commands document: a file that cannot be written or read (OSError), one that holds
+    # no conversation for this cache (ValueError), a server that refuses (ServerError).
+    except (CommandError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
 
 
-def _stats(session) -> str:
-    if isinstance(session, RemoteSession):  # the server session's numbers
-        s = session.stats()
-        cached, room, seen, turns = s["cached_tokens"], s["max_cached_tokens"], s["seen_tokens"], s["turns"]
-        fill = cached / room if room else 0.0
-        return f"[server cache {cached}/{room} tokens ({fill:.0%} full), {seen} seen, {turns} turns]"
-    cache = session.cache
-    fill = cache.cached_tokens / cache.max_cached_tokens
-    turns = sum(m["role"] == "user" for m in session.messages)
-    return (f"[cache {cache.cached_tokens}/{cache.max_cached_tokens} tokens ({fill:.0%} full), "
-            f"{cache.seen_tokens} seen, {turns} turns]")
-
-
-def _refresh(session: RemoteSession) -> None:
-    """The server's current numbers, when it answers (they are only shown)."""
+def _stats(chat: Conversation, cache_name: str, refresh: bool = False) -> str:
+    """The stats line; with ``refresh``, the numbers asked again where they are kept elsewhere (the
+    last known ones when that fails: they are only shown)."""
     try:
-        session.refresh()
-    except (ValueError, OSError):
-        pass
+        s = chat.stats(refresh=refresh)
+    except (ServerError, OSError):
+        s = chat.stats()
+    cached, room = s["cached_tokens"], s["max_cached_tokens"]
+    fill = cached / room if room else 0.0
+    return f"[{cache_name} {cached}/{room} tokens ({fill:.0%} full), {s['seen_tokens']} seen, {s['turns']} turns]"
 
 
 def _line_editing() -> None:

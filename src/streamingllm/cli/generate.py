@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 
 from ..checks import ArgumentError
-from .options import (add_cache_options, add_compile_option, add_generation_options, add_model_options, add_parser,
-                      check_generation_options, load_model, say)
+from .options import (CommandError, add_cache_options, add_compile_option, add_generation_options, add_model_options,
+                      add_parser, check_generation_options, load_model, say)
 
 STATS_EVERY = 256  # tokens between --stats lines
 
@@ -33,11 +33,11 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     """The prompt from the argument, the file, or stdin (said on a terminal, where it would wait)."""
     if prompt_file is not None:
         if prompt is not None:
-            raise ValueError("give the prompt either as an argument or with --prompt-file, not both")
+            raise ArgumentError("prompt_file", "cannot be combined with a prompt argument: give one of them")
         try:
             text = prompt_file.read_text(encoding="utf-8")
         except OSError as err:
-            raise ValueError(f"--prompt-file: cannot read {prompt_file}: {err.strerror}") from err
+            raise ArgumentError("prompt_file", f"cannot read {prompt_file}: {err.strerror}") from err
     elif prompt is None or prompt == "-":
         if sys.stdin.isatty():
             print("streamingllm: reading the prompt from stdin; end it with Ctrl-D (or give it as an argument)",
@@ -46,7 +46,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     else:
         text = prompt
     if not text.strip():
-        raise ValueError("the prompt is empty: give some text (argument, --prompt-file or stdin)")
+        raise CommandError("the prompt is empty: give some text (argument, --prompt-file or stdin)")
     return text
 
 
@@ -81,8 +81,10 @@ def run(args) -> int:
         now = time.perf_counter()
         decode_s = now - clock["prefill_end"]
         rate = (count - 1) / decode_s if count > 1 and decode_s > 0 else float("nan")
+        rss = rss_bytes()
         return (f"decode {count} tokens, {rate:.1f} tok/s, cache {cache.cached_tokens}/{cache.max_cached_tokens} "
-                f"tokens ({storage_bytes(cache) / MIB:.2f} MiB), seen {cache.seen_tokens}, RSS {rss_bytes() / MIB:.0f} MiB")
+                f"tokens ({storage_bytes(cache) / MIB:.2f} MiB), seen {cache.seen_tokens}, "
+                f"RSS {'unknown' if rss is None else f'{rss / MIB:.0f} MiB'}")
 
     decoder, count = TextDecoder(tokenizer), 0
     for token in generate_tokens(model, cache, ids, args.max_new_tokens, sampling, stops, chunk_size=args.chunk_size,

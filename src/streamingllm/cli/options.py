@@ -11,6 +11,12 @@ from ..compiled import COMPILE
 from ..precision import QUANTIZE
 
 
+class CommandError(Exception):
+    """A mistake the command line finds in input that is not one flag's value (an empty prompt, an
+    unknown chat command): shown as it is, on one line. A flag's bad value is an
+    :class:`~streamingllm.checks.ArgumentError`, shown with the flag."""
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
     """Help that shows every option's default (but not an absent one: None or off) and keeps
     descriptions' line breaks."""
@@ -62,6 +68,14 @@ def load_model(args, dtype: str | None = None, quantize: str | None = None):
 
     return load(args.model, dtype=dtype or args.dtype, device=args.device, quantize=quantize or args.quantize,
                 random_weights=getattr(args, "random_weights", False), seed=getattr(args, "seed", 0) or 0)
+
+
+def check_chat_model(tokenizer, model: str) -> None:
+    """Refuse a model whose tokenizer has no chat template (``chat`` and ``serve`` need one), naming ``--model``."""
+    from ..checks import ArgumentError
+
+    if not getattr(tokenizer, "chat_template", None):
+        raise ArgumentError("model", "must be a chat (instruct) model: its tokenizer has no chat template", model)
 
 
 def model_label(model: str) -> str:

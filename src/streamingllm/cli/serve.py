@@ -51,9 +51,10 @@ def run(args) -> int:
                               max_body_mib=args.max_body_mib, api_key=args.api_key, compile=args.compile).check()
     check_int("port", args.port, 0, 65535)
     uvicorn = require("uvicorn", "the server")
-    from .options import load_model
+    from .options import check_chat_model, load_model
 
     model, tokenizer = load_model(args)
+    check_chat_model(tokenizer, args.model)
     name = args.served_model_name or args.model
     app, engine = build_app(model, tokenizer, name, settings)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:

@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..checks import check_int
+    from ..checks import ArgumentError, check_int
     from ..evals.perplexity import make_settings
     from ..evals.recall_report import plot_streameval, streameval_tables, write_streameval_csv
     from ..evals.streameval import make_stream, run_streameval
@@ -41,7 +41,7 @@ def run(args) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args)
     if args.chat and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(f"--chat: {args.model} has no chat template")
+        raise ArgumentError("chat", "needs a model whose tokenizer has a chat template")
     settings = make_settings(args.methods, args.sink_size, cache_size=args.cache_size)
     encode, decode = encoder(tokenizer)
     with progress_bar(len(settings) * len(queries), "streameval", unit="question") as bar:

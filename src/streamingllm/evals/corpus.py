@@ -360,7 +360,7 @@ def tokenize_window(tokenizer, text: str, offset: int = 0, num_tokens: int | Non
     if len(ids) < 2:
         if offset:
             raise ArgumentError("offset", f"leaves {len(ids)} token(s) of the text: need at least 2", offset)
-        raise ValueError(f"the text gives {len(ids)} token(s): need at least 2 to score one")
+        raise CorpusError(f"the text gives {len(ids)} token(s): need at least 2 to score one")
     if num_tokens is not None and len(ids) < num_tokens:
         warnings.warn(f"the text has only {len(ids):,} tokens after offset {offset} (asked for {num_tokens:,})",
                       stacklevel=2)

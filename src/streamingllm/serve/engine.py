@@ -13,6 +13,13 @@ Each loop iteration (fair to every client):
 A request whose client goes away is cancelled at the next iteration: a reply stops there and its
 turn is closed with what was generated (as Ctrl-C in the chat does); a prompt cut part-way
 leaves a cache that no longer matches the transcript, so the session starts over next time.
+
+A :class:`~.jobs.Job` carries what the client asked (a frozen :class:`~.jobs.GenerationRequest`);
+the worker keeps its own :class:`JobState` beside it, whose :class:`~streamingllm.sampling.TokenChooser`
+and :class:`~streamingllm.text.ReplyText` are the ones :func:`~streamingllm.feed.generate_tokens` and
+:class:`~streamingllm.session.Session` use: a request chooses the tokens they would, seed for seed.
+The job's events are the dataclasses of :mod:`.jobs` (:class:`~.jobs.TokenText`, then
+:class:`~.jobs.Finished` or :class:`~.jobs.Failed`).
 """
 
 from __future__ import annotations
@@ -23,16 +30,19 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from ..cache import SinkCache
 from ..compiled import DecodeStep
-from ..feed import Sampling, decode_rows, iter_chunks, token_logprobs
-from ..session import Session, StopStrings, TextDecoder, Turn, stop_token_ids
-from .sessions import Entry, SessionStore
+from ..feed import decode_rows, iter_chunks, token_logprobs
+from ..sampling import TokenChooser
+from ..session import Session, Turn, stop_token_ids
+from ..text import ReplyText
+from .jobs import Event, Failed, Finished, Job, SessionReport, TokenLogprob, TokenText
+from .sessions import SessionStore
 
 
 class OverloadedError(RuntimeError):
@@ -48,46 +58,36 @@ class RequestError(Exception):
 
 
 @dataclass
-class Job:
-    """One request: what to feed and how to generate, and where its events go.
+class JobState:
+    """The worker's state for one admitted job (only the worker thread touches it).
 
     Attributes:
-        messages: the conversation (chat), or None for a text completion.
-        prompt: the text to continue (text completion), or None.
-        entry: the session (chat with a session id), or None for a one-off request.
-        sampling, max_tokens, min_tokens, stop, top_logprobs: how to generate (``top_logprobs``:
-            None for no log-probabilities, else how many alternatives per token).
-        emit: ``emit(event: dict)``, called from the worker thread for each event:
-            ``{"type": "token", "text", "logprob"?}``, then ``{"type": "done", ...}`` or
-            ``{"type": "error", "status", "message"}``.
+        job: the job.
+        session: the conversation it continues (chat), or None (text completion).
+        turn: the turn :meth:`Session.prepare` planned (chat), or None.
+        restored: the session was loaded from the state directory for this job.
+        cache: the cache its prompt and reply go into (the session's, or one of its own).
+        prompt_tokens: prompt tokens it feeds (cached ones not counted).
+        chunks: the prompt's chunks still to feed (:func:`~streamingllm.feed.iter_chunks`);
+            None once the prompt is read.
+        logits: the next-token logits (1, vocab), once the prompt is read.
+        choose: chooses its tokens (its random generator and recent-token memory).
+        reply: its reply's token ids and shown text.
+        fed: reply tokens in the cache (a token is fed by the step that computes the next one).
+        last_token_at: when its last token was emitted (``time.perf_counter()`` seconds).
     """
 
-    messages: list[dict] | None
-    prompt: str | None
-    entry: Entry | None
-    sampling: Sampling
-    max_tokens: int
-    min_tokens: int
-    stop: tuple[str, ...]
-    top_logprobs: int | None
-    emit: Callable[[dict], None]
-    created: float = field(default_factory=time.perf_counter)
-    watched_at: float = 0.0  # when the HTTP side last checked that the client is still connected
-    cancelled: threading.Event = field(default_factory=threading.Event)
-    # worker state
+    job: Job
     session: Session | None = None
-    cache: SinkCache | None = None
     turn: Turn | None = None
     restored: bool = False
-    chunks: object = None
+    cache: SinkCache | None = None
     prompt_tokens: int = 0
+    chunks: Iterator | None = None
     logits: torch.Tensor | None = None
-    generator: torch.Generator | None = None
-    recent: torch.Tensor | None = None
-    reply_ids: list[int] = field(default_factory=list)
-    fed: int = 0  # reply tokens in the cache (a token is fed by the step that computes the next one)
-    decoder: TextDecoder | None = None
-    shown: StopStrings | None = None
+    choose: TokenChooser | None = None
+    reply: ReplyText | None = None
+    fed: int = 0
     last_token_at: float | None = None
 
 
@@ -118,9 +118,8 @@ class Engine:
         self.chunk_size, self.max_batch, self.max_queue = chunk_size, max_batch, max_queue
         self.max_prompt_tokens, self.max_tokens, self.penalty_last_n = max_prompt_tokens, max_tokens, penalty_last_n
         self.stop_ids = stop_token_ids(tokenizer)
-        self._stop_tensor = torch.tensor(sorted(self.stop_ids), dtype=torch.long, device=model.device)
-        self._waiting: queue.Queue[Job] = queue.Queue()
-        self._running: list[Job] = []
+        self._waiting: queue.Queue[Job | None] = queue.Queue()
+        self._running: list[JobState] = []
         self._turn = 0  # round-robin over prompts being read
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="streamingllm-engine", daemon=True)
@@ -157,14 +156,14 @@ class Engine:
             if not self._running:
                 continue
             try:
-                for job in [j for j in self._running if j.cancelled.is_set()]:
-                    self._end(job, "cancelled")
+                for run in [r for r in self._running if r.job.cancelled.is_set()]:
+                    self._end(run, "cancelled")
                 self._read_prompt_chunk()
                 self._decode_step()
             except Exception as err:  # a bug: fail what is running, keep serving
                 traceback.print_exc()
-                for job in list(self._running):
-                    self._fail(job, 500, _internal(err), "server_error")
+                for run in list(self._running):
+                    self._fail(run, Failed(500, _internal(err), "server_error"))
 
     def _admit(self) -> None:
         block = not self._running
@@ -179,194 +178,186 @@ class Engine:
             if job.cancelled.is_set():
                 self._release(job)
                 continue
+            run = JobState(job)
             try:
-                self._begin(job)
+                self._begin(run)
             except RequestError as err:
-                self._fail(job, err.status, str(err), err.type, err.param)
+                self._fail(run, Failed(err.status, str(err), err.type, err.param))
                 continue
             except ValueError as err:
-                self._fail(job, 400, str(err), param="messages")
+                self._fail(run, Failed(400, str(err), param="messages"))
                 continue
             except Exception as err:
                 traceback.print_exc()
-                self._fail(job, 500, _internal(err), "server_error")
+                self._fail(run, Failed(500, _internal(err), "server_error"))
                 continue
-            self._running.append(job)
+            self._running.append(run)
 
-    def _begin(self, job: Job) -> None:
+    def _begin(self, run: JobState) -> None:
         """Plan the job's prompt (nothing is fed yet)."""
-        if job.messages is not None:
-            system = job.messages[0]["content"] if job.messages[0]["role"] == "system" else None
+        job, request = run.job, run.job.request
+        if request.messages is not None:
+            system = request.messages[0]["content"] if request.messages[0]["role"] == "system" else None
             if job.entry is not None:
-                job.session, job.restored = self.store.session(job.entry, system)
+                run.session, run.restored = self.store.session(job.entry, system)
             else:
-                job.session = self.new_session(system, False)
-            job.turn = job.session.prepare(job.messages)  # changes nothing: the request may still be refused
-            ids = job.turn.prompt_ids
-            job.cache = job.session.cache
+                run.session = self.new_session(system, False)
+            run.turn = run.session.prepare(request.messages)  # changes nothing: the request may still be refused
+            ids = run.turn.prompt_ids
+            run.cache = run.session.cache
         else:
-            ids = self.tokenizer(job.prompt, return_tensors="pt").input_ids[0]
-            job.cache = SinkCache(self.model, self.sink_size, self.window_size)
+            ids = self.tokenizer(request.prompt, return_tensors="pt").input_ids[0]
+            run.cache = SinkCache(self.model, self.sink_size, self.window_size)
         if len(ids) > self.max_prompt_tokens:
             raise RequestError(413, f"the prompt adds {len(ids)} tokens; this server takes at most "
                                     f"{self.max_prompt_tokens} per request (--max-prompt-tokens)", param="messages")
         if job.entry is not None:
-            self.store.adopt(job.entry, job.session)
+            self.store.adopt(job.entry, run.session)
             self.store.enforce_budget()
-        if job.turn is not None:
-            job.session.start(job.turn)
-        job.prompt_tokens = len(ids)
-        job.chunks = iter_chunks(self.model, job.cache, ids[None], chunk_size=self.chunk_size)
-        job.decoder, job.shown = TextDecoder(self.tokenizer), StopStrings(job.stop)
-        if job.sampling.seed is not None:
-            job.generator = torch.Generator(device=self.model.device).manual_seed(job.sampling.seed)
-        if job.sampling.penalizes:
-            job.recent = ids[-job.sampling.penalty_last_n :][None].to(self.model.device)
+        if run.turn is not None:
+            run.session.start(run.turn)
+        run.prompt_tokens = len(ids)
+        run.chunks = iter_chunks(self.model, run.cache, ids[None], chunk_size=self.chunk_size)
+        run.reply = ReplyText(self.tokenizer, request.stop)
+        run.choose = TokenChooser(request.sampling, ids, self.model.device, self.stop_ids, request.min_tokens)
 
     def _read_prompt_chunk(self) -> None:
-        reading = [j for j in self._running if j.chunks is not None]
+        reading = [r for r in self._running if r.chunks is not None]
         if not reading:
             return
         self._turn = (self._turn + 1) % len(reading)
-        job = reading[self._turn]
+        run = reading[self._turn]
         try:
-            _, logits = next(job.chunks)
+            _, logits = next(run.chunks)
         except StopIteration:
-            job.chunks = None
+            run.chunks = None
         except Exception as err:  # this request's forward failed (out of memory, say): fail it alone
             traceback.print_exc()
-            self._fail(job, 500, _internal(err), "server_error")
+            self._fail(run, Failed(500, _internal(err), "server_error"))
         else:
-            job.logits = logits[:, -1]
-            if self._prompt_done(job):
-                job.chunks = None
+            run.logits = logits[:, -1]
+            if self._prompt_done(run):
+                run.chunks = None
 
-    def _prompt_done(self, job: Job) -> bool:
-        fed = job.cache.seen_tokens - (job.turn.cached_tokens if job.turn is not None else 0)
-        return fed >= job.prompt_tokens
+    def _prompt_done(self, run: JobState) -> bool:
+        fed = run.cache.seen_tokens - (run.turn.cached_tokens if run.turn is not None else 0)
+        return fed >= run.prompt_tokens
 
     def _decode_step(self) -> None:
-        generating = [j for j in self._running if j.chunks is None and j.logits is not None]
+        generating = [r for r in self._running if r.chunks is None and r.logits is not None]
         if not generating:
             return
         tokens, going = [], []
-        for job in generating:
+        for run in generating:
             try:
-                token = self._choose(job)
+                token = self._choose(run)
             except Exception as err:  # this request's sampling failed: fail it alone
                 traceback.print_exc()
-                self._fail(job, 500, _internal(err), "server_error")
+                self._fail(run, Failed(500, _internal(err), "server_error"))
                 continue
             if token is not None:
                 tokens.append(token)
-                going.append(job)
+                going.append(run)
         if not going:
             return
         try:
-            logits = decode_rows(self.model, [j.cache for j in going], tokens, self.decode)
+            logits = decode_rows(self.model, [r.cache for r in going], tokens, self.decode)
         except Exception as err:  # the rows' caches may be written in part: fail the rows of this step
             traceback.print_exc()
-            for job in going:
-                self._fail(job, 500, _internal(err), "server_error")
+            for run in going:
+                self._fail(run, Failed(500, _internal(err), "server_error"))
             return
-        for r, job in enumerate(going):
-            job.logits = logits[r : r + 1]
-            job.fed = len(job.reply_ids)
+        for r, run in enumerate(going):
+            run.logits = logits[r : r + 1]
+            run.fed = len(run.reply.token_ids)
 
-    def _choose(self, job: Job) -> int | None:
-        """Pick and emit the job's next token; None when the job has ended."""
-        logits = job.logits
-        if job.recent is not None:
-            logits = job.sampling.penalize(logits, job.recent)
-        if len(job.reply_ids) < job.min_tokens and len(self._stop_tensor):
-            logits = logits.index_fill(-1, self._stop_tensor, float("-inf"))
-        tid = int(job.sampling.pick(logits, job.generator)[0])
+    def _choose(self, run: JobState) -> int | None:
+        """Choose and emit the job's next token; None when the job has ended."""
+        request = run.job.request
+        tid = int(run.choose(run.logits)[0])
         if tid in self.stop_ids:
-            self._end(job, "stop", stopped=True)
+            self._end(run, "stop", stopped=True)
             return None
-        if job.recent is not None:
-            job.recent = torch.cat((job.recent, torch.tensor([[tid]], device=job.recent.device)), 1)[
-                :, -job.sampling.penalty_last_n :]
-        job.reply_ids.append(tid)
-        event = {"type": "token", "text": job.shown.add(job.decoder.add(tid))}
-        if job.top_logprobs is not None:
-            lp, top = token_logprobs(job.logits[0], tid, job.top_logprobs)
-            event["logprob"] = self._logprob_entry(tid, lp, top)
+        text = run.reply.add(tid)
+        logprob = None
+        if request.top_logprobs is not None:
+            logprob = self._logprob(run.logits[0], tid, request.top_logprobs)
         now = time.perf_counter()
         if self.metrics is not None:
-            if job.last_token_at is None:
-                self.metrics.first_token(now - job.created)
+            if run.last_token_at is None:
+                self.metrics.first_token(now - run.job.created)
             else:
-                self.metrics.token_gap(now - job.last_token_at)
-        job.last_token_at = now
-        job.emit(event)
-        if job.shown.stopped:
-            self._end(job, "stop")
+                self.metrics.token_gap(now - run.last_token_at)
+        run.last_token_at = now
+        run.job.emit(TokenText(text, logprob))
+        if run.reply.stopped:
+            self._end(run, "stop")
             return None
-        if len(job.reply_ids) >= job.max_tokens:
-            self._end(job, "length")
+        if len(run.reply.token_ids) >= request.max_tokens:
+            self._end(run, "length")
             return None
         return tid
 
-    def _logprob_entry(self, tid: int, lp: float, top: list[tuple[int, float]]) -> dict:
+    def _logprob(self, logits: torch.Tensor, tid: int, top: int) -> TokenLogprob:
+        """Token ``tid``'s log-probability under ``logits`` (vocab,), with the ``top`` most likely tokens'."""
+        lp, best = token_logprobs(logits, tid, top)
         piece = lambda t: self.tokenizer.decode([t])  # noqa: E731
-        return {"token": piece(tid), "logprob": lp, "bytes": list(piece(tid).encode()),
-                "top_logprobs": [{"token": piece(t), "logprob": v, "bytes": list(piece(t).encode())} for t, v in top]}
+        return TokenLogprob(piece(tid), lp, tuple((piece(t), v) for t, v in best))
 
-    def _end(self, job: Job, reason: str, stopped: bool = False) -> None:
+    def _end(self, run: JobState, reason: str, stopped: bool = False) -> None:
         """Finish a job: close the session's turn, save it (before the end is acknowledged), emit the end.
 
         ``stopped``: the reply ended at an end-of-turn token."""
-        if job in self._running:
-            self._running.remove(job)
-        session_info = None
+        job = run.job
+        if run in self._running:
+            self._running.remove(run)
+        session = None
         try:
-            rest = job.shown.flush() if job.shown is not None and reason != "cancelled" else ""
+            rest = run.reply.flush() if run.reply is not None and reason != "cancelled" else ""
             if rest:
-                job.emit({"type": "token", "text": rest})
-            if job.turn is not None:
-                if job.chunks is not None:  # cut while reading the prompt: the cache no longer matches
+                job.emit(TokenText(rest))
+            if run.turn is not None:
+                if run.chunks is not None:  # cut while reading the prompt: the cache no longer matches
                     if job.entry is not None:
                         self.store.forget_state(job.entry)
                 else:
-                    shown = job.shown.text[: job.shown.shown]
-                    job.session.finish(job.reply_ids, shown, stopped or job.fed == len(job.reply_ids))
+                    reply_ids = run.reply.token_ids
+                    run.session.finish(reply_ids, run.reply.text, stopped or run.fed == len(reply_ids))
                     if job.entry is not None:
                         self.store.save(job.entry)
-                session_info = self._session_info(job)
+                session = self._session_report(run)
         except Exception as err:  # closing or saving the turn failed: the turn is not acknowledged
             traceback.print_exc()
-            self._fail(job, 500, _internal(err), "server_error")
+            self._fail(run, Failed(500, _internal(err), "server_error"))
             return
-        cached = job.turn.cached_tokens if job.turn else 0
+        cached = run.turn.cached_tokens if run.turn else 0
+        generated = len(run.reply.token_ids) if run.reply is not None else 0
         if self.metrics is not None:
-            self.metrics.finished(job.prompt_tokens, cached, len(job.reply_ids), reason,
-                                  time.perf_counter() - job.created)
+            self.metrics.finished(run.prompt_tokens, cached, generated, reason, time.perf_counter() - job.created)
         self._release(job)
-        usage = {"prompt_tokens": job.prompt_tokens + cached, "completion_tokens": len(job.reply_ids),
-                 "total_tokens": job.prompt_tokens + cached + len(job.reply_ids),
-                 "prompt_tokens_details": {"cached_tokens": cached}}
-        job.emit({"type": "done", "finish_reason": reason, "usage": usage, "session": session_info})
+        job.emit(Finished(reason, run.prompt_tokens + cached, cached, generated, session))
 
-    def _session_info(self, job: Job) -> dict | None:
-        if job.entry is None:
+    def _session_report(self, run: JobState) -> SessionReport | None:
+        """The session's numbers for the response; the eviction is reported once."""
+        entry = run.job.entry
+        if entry is None:
             return None
-        cache = job.session.cache
-        status = "restored" if job.restored and job.turn.status == "continued" else job.turn.status
-        info = {"id": job.entry.id, "status": status, "evicted": job.entry.evicted, "seen_tokens": cache.seen_tokens,
-                "cached_tokens": cache.cached_tokens, "max_cached_tokens": cache.max_cached_tokens,
-                "pinned_tokens": job.session.pinned_tokens}
-        job.entry.evicted = None
-        return info
+        cache = run.session.cache
+        status = "restored" if run.restored and run.turn.status == "continued" else run.turn.status
+        report = SessionReport(entry.id, status, entry.evicted, cache.seen_tokens, cache.cached_tokens,
+                               cache.max_cached_tokens, run.session.pinned_tokens)
+        entry.evicted = None
+        return report
 
-    def _fail(self, job: Job, status: int, message: str, type_: str = "invalid_request_error",
-              param: str | None = None) -> None:
-        if job in self._running:
-            self._running.remove(job)
-        if job.entry is not None and job.turn is not None and status >= 500 and job.session is job.entry.session:
+    def _fail(self, run: JobState, failure: Failed) -> None:
+        job = run.job
+        if run in self._running:
+            self._running.remove(run)
+        if (job.entry is not None and run.turn is not None and failure.status >= 500
+                and run.session is job.entry.session):
             self.store.forget_state(job.entry)  # its cache may be written in part
         self._release(job)
-        job.emit({"type": "error", "status": status, "message": message, "error_type": type_, "param": param})
+        job.emit(failure)
 
     def _release(self, job: Job) -> None:
         if job.entry is not None:
@@ -377,6 +368,6 @@ def _internal(err: Exception) -> str:
     return f"internal error: {type(err).__name__}: {err}"
 
 
-def emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[dict], None]:
+def emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Event], None]:
     """An ``emit`` that hands events from the worker thread to an asyncio queue."""
     return lambda event: loop.call_soon_threadsafe(events.put_nowait, event)

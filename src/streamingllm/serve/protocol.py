@@ -1,19 +1,26 @@
 """Request and response bodies of the OpenAI-compatible API (pydantic models).
 
-Fields follow OpenAI's chat and completions APIs. Extensions, which the ``openai`` client sends
-through ``extra_body``, are marked: ``session_id``, ``top_k``, ``repetition_penalty``,
-``min_tokens``. Unknown fields are ignored, as OpenAI's own server does for clients newer than it.
+Fields follow OpenAI's chat and completions APIs, in their order. Request extensions, which the
+``openai`` client sends through ``extra_body``, are marked: ``session_id``, ``top_k``,
+``repetition_penalty``, ``min_tokens``; the one response extension is ``session`` (a
+:class:`~.jobs.SessionReport`). Unknown request fields are ignored, as OpenAI's own server does
+for clients newer than it. A request translates itself into the engine's
+:class:`~.jobs.GenerationRequest` (:meth:`ChatCompletionRequest.to_generation`).
+
+Responses serialise with ``model_dump()`` to the JSON OpenAI sends: optional fields are written
+as ``null``, except those OpenAI leaves out (:class:`OpenAIResponse` ``omit_when_none``).
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer
 
-from ..feed import Sampling
+from ..sampling import Sampling
+from .jobs import GenerationRequest, SessionReport
 
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
 MAX_TOP_LOGPROBS = 20
@@ -73,13 +80,21 @@ class GenerationParams(BaseModel):
     def sampling(self, penalty_last_n: int) -> Sampling:
         """The request's :class:`Sampling`; temperatures below 1e-3 are greedy (dividing by them
         overflows)."""
-        return Sampling(temperature=0.0 if self.temperature < 1e-3 else self.temperature, top_k=self.top_k, top_p=self.top_p, seed=self.seed,
-                        repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-                        frequency_penalty=self.frequency_penalty, penalty_last_n=penalty_last_n)
+        return Sampling(temperature=0.0 if self.temperature < 1e-3 else self.temperature, top_k=self.top_k,
+                        top_p=self.top_p, seed=self.seed, repetition_penalty=self.repetition_penalty,
+                        presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                        penalty_last_n=penalty_last_n)
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
+
+    def _generation(self, penalty_last_n: int, default_max_tokens: int, **what) -> GenerationRequest:
+        """The engine's request for these settings and ``what`` to feed (``messages`` or ``prompt``);
+        ValueError (an :class:`~streamingllm.checks.ArgumentError`) for a setting the library refuses."""
+        return GenerationRequest(sampling=self.sampling(penalty_last_n),
+                                 max_tokens=self.reply_limit or default_max_tokens, min_tokens=self.min_tokens,
+                                 stop=tuple(self.stop), **what)
 
 
 class ChatCompletionRequest(GenerationParams):
@@ -91,6 +106,11 @@ class ChatCompletionRequest(GenerationParams):
     @property
     def reply_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def to_generation(self, penalty_last_n: int, default_max_tokens: int) -> GenerationRequest:
+        """What the engine runs for this request (``default_max_tokens`` when it gives no limit)."""
+        return self._generation(penalty_last_n, default_max_tokens, messages=[m.as_dict() for m in self.messages],
+                                prompt=None, top_logprobs=(self.top_logprobs or 0) if self.logprobs else None)
 
 
 class CompletionRequest(GenerationParams):
@@ -114,6 +134,11 @@ class CompletionRequest(GenerationParams):
     def reply_limit(self) -> int | None:
         return self.max_tokens
 
+    def to_generation(self, penalty_last_n: int, default_max_tokens: int) -> GenerationRequest:
+        """What the engine runs for this request (``default_max_tokens`` when it gives no limit)."""
+        return self._generation(penalty_last_n, default_max_tokens, messages=None, prompt=self.prompt,
+                                top_logprobs=self.logprobs)
+
 
 class SessionRequest(BaseModel):
     """``POST /v1/sessions``: a new conversation."""
@@ -131,6 +156,181 @@ def now() -> int:
     return int(time.time())
 
 
-def error_body(message: str, type_: str, code: str | None = None, param: str | None = None) -> dict:
-    """OpenAI's error object (``code``: a short machine-readable string, or None)."""
-    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+# --- responses ----------------------------------------------------------------------------------
+
+
+class OpenAIResponse(BaseModel):
+    """A response body. The fields named in ``omit_when_none`` are left out when None, as OpenAI
+    leaves them out (a chunk's ``usage``, a delta's ``role``); other None fields are written as null."""
+
+    omit_when_none: ClassVar[tuple[str, ...]] = ()
+
+    @model_serializer(mode="wrap")
+    def _omit_none(self, handler) -> dict[str, Any]:
+        data = handler(self)
+        for name in self.omit_when_none:
+            if data.get(name, ...) is None:
+                del data[name]
+        return data
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = Field(None, description="a short machine-readable code; the HTTP status in a stream")
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error object."""
+
+    error: ErrorInfo
+
+
+def error_body(message: str, type_: str, code: str | int | None = None, param: str | None = None) -> dict:
+    """OpenAI's error object as a dict (``code``: a short machine-readable string, or None)."""
+    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()
+
+
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(0, description="prompt tokens the session held from before (not fed again)")
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    prompt_tokens_details: PromptTokensDetails
+
+    @classmethod
+    def of(cls, prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> UsageInfo:
+        """The usage of a request that read ``prompt_tokens`` (``cached_tokens`` of them held
+        from before) and wrote ``completion_tokens``."""
+        return cls(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                   total_tokens=prompt_tokens + completion_tokens,
+                   prompt_tokens_details=PromptTokensDetails(cached_tokens=cached_tokens))
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class ChatCompletionLogProb(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb]
+
+
+class ChatCompletionLogProbs(BaseModel):
+    content: list[ChatCompletionLogProbsContent]
+
+
+class CompletionLogProbs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int] = Field(description="each token's first character in the choice's text")
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class DeltaMessage(OpenAIResponse):
+    omit_when_none = ("role", "content")
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionResponseChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: FinishReason
+
+
+class ChatCompletionResponseStreamChoice(BaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class CompletionResponseChoice(BaseModel):
+    """A text completion's choice, whole or in a chunk (``finish_reason`` None until the last)."""
+
+    index: int = 0
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatCompletionResponse(OpenAIResponse):
+    omit_when_none = ("session",)
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo
+    session: SessionReport | None = Field(None, description="streamingllm: the session's numbers")
+
+
+class ChatCompletionChunk(OpenAIResponse):
+    omit_when_none = ("usage", "session")
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = Field(None, description="in the last chunk, with stream_options.include_usage")
+    session: SessionReport | None = Field(None, description="streamingllm: in the finishing chunk")
+
+
+class CompletionResponse(OpenAIResponse):
+    omit_when_none = ("session",)
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo
+    session: SessionReport | None = None  # never set: text completions are one-off
+
+
+class CompletionChunk(OpenAIResponse):
+    """A streamed text completion's chunk (OpenAI calls its object ``text_completion`` too)."""
+
+    omit_when_none = ("usage", "session")
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionResponseChoice]
+    usage: UsageInfo | None = None
+    session: SessionReport | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "streamingllm"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..checks import check_choice, check_int
+from ..checks import ArgumentError, check_choice, check_int
 from ..evals.corpus import AUSTEN_NOVELS, austen_text
 
 EOS = "<|endoftext|>"
@@ -90,7 +90,7 @@ class Windows:
     def __post_init__(self):
         self.seq_len = check_int("seq_len", self.seq_len, 2)
         if self.ids.numel() <= self.seq_len:
-            raise ValueError(f"the text has {self.ids.numel()} tokens: need more than seq_len={self.seq_len}")
+            raise ArgumentError("seq_len", f"must be below the text's {self.ids.numel()} tokens", self.seq_len)
         self._gen = torch.Generator().manual_seed(self.seed)
 
     def batch(self, batch_size: int) -> torch.Tensor:

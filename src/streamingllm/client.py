@@ -1,16 +1,26 @@
-"""``streamingllm chat --server URL``: the terminal chat over a running ``streamingllm serve``.
+"""Conversations as a chat front end sees them, and the HTTP client for a running server.
 
-:class:`RemoteSession` offers what the chat loop uses of :class:`~streamingllm.session.Session`
-(``reply``, ``messages``, ``reset``) over the server's OpenAI-compatible API: the conversation
-lives in a server session (``POST /v1/sessions``), every turn sends the whole message list with
-that ``session_id`` and the server feeds only what is new. Replies are read as server-sent events,
-line by line; closing a reply closes the connection, which the server takes as a cancellation.
-Standard library only (``urllib.request``, ``json``).
+:class:`Conversation` is the one interface of a conversation, held here or by a server: send a
+user message and read the reply as it streams, read the cache's numbers, start again, and save
+or load where the cache is in this process. :class:`~streamingllm.session.Session` (the cache in
+this process) and :class:`RemoteSession` (the cache in a ``streamingllm serve``) both satisfy it;
+what differs between them is said by their attributes (:attr:`Conversation.interruptible`,
+:attr:`Conversation.can_save`), so a front end never asks which one it holds.
+
+:class:`RemoteSession` talks to the server's OpenAI-compatible API (see docs/serving.md): the
+conversation lives in a server session (``POST /v1/sessions``), every turn sends the whole message
+list with that ``session_id`` and the server feeds only what is new. Replies are read as
+server-sent events, line by line; closing a reply closes the connection, which the server takes
+as a cancellation. Standard library only (``urllib.request``, ``json``).
+
+    with RemoteSession("http://127.0.0.1:8000", system="Answer briefly.") as chat:
+        print("".join(chat.reply("What is the capital of France?")), chat.stats())
 """
 
 from __future__ import annotations
 
 import http.client
+import io
 import ipaddress
 import json
 import time
@@ -18,6 +28,57 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from .checks import ArgumentError
+
+if TYPE_CHECKING:
+    from .feed import Sampling
+
+
+@runtime_checkable
+class Conversation(Protocol):
+    """One conversation on a bounded cache, wherever the cache is.
+
+    Attributes:
+        messages: the conversation so far (system, user and assistant messages, OpenAI-style
+            ``{"role", "content"}`` dicts), each reply as it was shown.
+        interruptible: True when a reply may be abandoned while it waits for its next piece (a
+            ``KeyboardInterrupt`` there is safe: a server's reply is cancelled when its connection
+            closes). False when a reply must be stopped between two pieces only, by closing its
+            generator (a local reply would stop in the middle of a forward pass and leave the
+            cache half-written).
+        can_save: True when :meth:`save` and :meth:`load` work (the cache's state is in this
+            process); False when they raise ``io.UnsupportedOperation``.
+    """
+
+    messages: list[dict]
+    interruptible: bool
+    can_save: bool
+
+    def reply(self, user_text: str) -> Iterator[str]:
+        """Add the user's message and yield the reply as text pieces as they come. Closing the
+        generator stops the reply; the conversation keeps it as far as it was yielded."""
+        ...
+
+    def reset(self) -> None:
+        """Forget the conversation (the system prompt stays)."""
+        ...
+
+    def stats(self, refresh: bool = False) -> dict[str, int]:
+        """The cache's numbers, in tokens: ``seen_tokens`` (the whole conversation),
+        ``cached_tokens`` (held now), ``max_cached_tokens`` (the cache's size), ``pinned_tokens``
+        (system-prompt tokens kept as sinks) and ``turns`` (user messages). ``refresh``: ask for
+        them again where they are kept elsewhere (a server); a local cache's are always current."""
+        ...
+
+    def save(self, path) -> None:
+        """Write the conversation and the cache's exact state to the file ``path``."""
+        ...
+
+    def load(self, path) -> None:
+        """Continue the conversation :meth:`save` wrote to ``path``."""
+        ...
 
 
 class ServerError(ValueError):
@@ -49,16 +110,17 @@ def _loopback(host: str | None) -> bool:
 
 def server_url(url: str) -> str:
     """``url`` checked (``http://`` or ``https://`` with a host) and without a trailing ``/`` or
-    ``/v1``: the base the API paths go after. ValueError otherwise."""
+    ``/v1``: the base the API paths go after. :class:`~streamingllm.checks.ArgumentError` naming
+    ``url`` otherwise."""
     parts = urllib.parse.urlsplit(url.strip()) if isinstance(url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ValueError(f"--server must be an http:// or https:// URL such as http://127.0.0.1:8000, got {url!r}")
+        raise ArgumentError("url", "must be an http:// or https:// URL such as http://127.0.0.1:8000", url)
     base = url.strip().rstrip("/")
     return base[: -len("/v1")] if base.endswith("/v1") else base
 
 
 class RemoteSession:
-    """A conversation held by a running ``streamingllm serve``; connects when made.
+    """A :class:`Conversation` held by a running ``streamingllm serve``; connects when made.
 
     Args:
         url: the server's base URL, e.g. ``http://127.0.0.1:8000`` (a trailing ``/v1`` is fine).
@@ -73,23 +135,28 @@ class RemoteSession:
         timeout: seconds to wait for the server on the small requests (a reply is waited for as
             long as it takes: it may queue, and a long prompt takes time to read).
         busy_wait: seconds a reply waits for the server to release the session when it is still
-            finishing the previous request (a reply stopped with Ctrl-C).
+            finishing the previous request (a reply stopped early).
 
     Attributes:
+        url: the server's base URL, as :func:`server_url` writes it.
         model: the served model's name (``GET /v1/models``).
-        sink_size, window_size: each server session's cache (``GET /health``).
-        session_id: the server session holding this conversation.
+        sink_size, window_size: each server session's cache, in tokens (``GET /health``).
+        session_id: the server session holding this conversation (None once closed).
         messages: the conversation so far (system, user and assistant messages), as sent.
         info: the server's last numbers for the session: ``seen_tokens``, ``cached_tokens``,
             ``max_cached_tokens``, ``pinned_tokens`` (and ``turns`` after :meth:`refresh`).
 
     Errors: :class:`ServerUnreachableError` (an ``OSError``) when there is no connection,
     :class:`ServerError` (a ``ValueError``) with the server's message when it refuses.
+    As a context manager, it deletes its server session on leaving (:meth:`close`).
     """
 
+    interruptible = True  # closing the connection cancels the reply on the server
+    can_save = False  # the cache is the server's
+
     def __init__(self, url: str, api_key: str | None = None, *, system: str | None = None, pin_system: bool = False,
-                 sampling=None, max_new_tokens: int = 256, min_new_tokens: int = 0, stop=(), timeout: float = 30.0,
-                 busy_wait: float = 30.0):
+                 sampling: Sampling | None = None, max_new_tokens: int = 256, min_new_tokens: int = 0,
+                 stop: tuple[str, ...] | list[str] = (), timeout: float = 30.0, busy_wait: float = 30.0):
         self.url = server_url(url)
         self.api_key, self.system, self.pin_system = api_key, system, pin_system
         self.sampling, self.max_new_tokens, self.min_new_tokens = sampling, max_new_tokens, min_new_tokens
@@ -107,7 +174,13 @@ class RemoteSession:
         self.session_id: str | None = None
         self.reset()
 
-    # --- the chat loop's interface -------------------------------------------------------------
+    def __enter__(self) -> RemoteSession:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- the Conversation ------------------------------------------------------------------------
 
     def reset(self) -> None:
         """Forget the conversation (the system prompt stays): a new server session; the old one
@@ -116,6 +189,7 @@ class RemoteSession:
         self.session_id = self._new_session()
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.info: dict = {}
+        self._unsettled = False  # a reply stopped early: the server's transcript may be longer
         if old is not None:
             self._delete(old)
 
@@ -127,10 +201,13 @@ class RemoteSession:
         (:class:`ServerError`) leaves the conversation as it was.
         """
         if not isinstance(user_text, str) or not user_text.strip():
-            raise ValueError("the user message is empty")
+            raise ArgumentError("user_text", "must be a non-empty message", user_text)
+        if self._unsettled:
+            self._settle()
         messages = self.messages + [{"role": "user", "content": user_text}]
         response = self._open_reply(messages)
         shown: list[str] = []
+        done = False
         try:
             for chunk in self._events(response):
                 if isinstance(chunk.get("error"), dict):
@@ -142,22 +219,45 @@ class RemoteSession:
                     if piece:
                         shown.append(piece)
                         yield piece
+            done = True
         except (OSError, http.client.HTTPException) as err:
             raise ServerError(f"the connection to the server at {self.url} broke during the reply: "
                               f"{_reason(err)}") from None
         finally:
             response.close()  # the server cancels a reply whose client has gone
             self.messages = messages + [{"role": "assistant", "content": "".join(shown)}]
+            self._unsettled = not done
+
+    def stats(self, refresh: bool = False) -> dict[str, int]:
+        """``seen_tokens``, ``cached_tokens``, ``max_cached_tokens``, ``pinned_tokens`` and ``turns``
+        (tokens; turns are user messages). Without ``refresh``, as last known (no request): the
+        numbers of the last reply's final chunk, zeros before the first reply, the turns counted
+        here. With ``refresh``, asked from the server first (:meth:`refresh`)."""
+        if refresh:
+            self.refresh()
+        room = (self.sink_size or 0) + (self.window_size or 0)
+        turns = sum(m["role"] == "user" for m in self.messages)
+        return {"seen_tokens": self.info.get("seen_tokens", 0), "cached_tokens": self.info.get("cached_tokens", 0),
+                "max_cached_tokens": self.info.get("max_cached_tokens", room),
+                "pinned_tokens": self.info.get("pinned_tokens", 0), "turns": self.info.get("turns", turns)}
+
+    def save(self, path) -> None:
+        """Not available: the cache is on the server. Raises ``io.UnsupportedOperation``."""
+        raise io.UnsupportedOperation(f"a RemoteSession cannot save: the cache is on the server at {self.url}")
+
+    def load(self, path) -> None:
+        """Not available: the cache is on the server. Raises ``io.UnsupportedOperation``."""
+        raise io.UnsupportedOperation(f"a RemoteSession cannot load: the cache is on the server at {self.url}")
 
     # --- the server's numbers --------------------------------------------------------------------
 
     def refresh(self, wait_s: float = 10.0) -> dict:
         """The server's current numbers for the session (``GET /v1/sessions/{id}``), kept in :attr:`info`.
 
-        After a stopped reply the server closes the turn with what it generated, which may be a
-        token or two more than was shown here: the server's transcript is adopted, so the next
-        request continues the session instead of rebuilding it. Waits up to ``wait_s`` seconds
-        for the server to finish that turn.
+        After a reply stopped early the server closes the turn with what it generated, which may
+        be a token or two more than was shown here: the server's transcript is adopted, so the
+        next request continues the session instead of rebuilding it. Waits up to ``wait_s``
+        seconds for the server to finish that turn.
         """
         deadline = time.monotonic() + wait_s
         while True:
@@ -169,17 +269,8 @@ class RemoteSession:
             self.info = {k: v for k, v in described.items() if k != "messages"}
         if isinstance(described.get("messages"), list) and not described.get("busy"):
             self.messages = described["messages"]
+            self._unsettled = False
         return self.info
-
-    def stats(self) -> dict:
-        """``seen_tokens``, ``cached_tokens``, ``max_cached_tokens`` and ``turns`` as last known
-        (no request): the server's numbers, zeros before the first reply; turns count the user
-        messages sent (the server's count after :meth:`refresh`)."""
-        room = (self.sink_size or 0) + (self.window_size or 0)
-        turns = sum(m["role"] == "user" for m in self.messages)
-        return {"seen_tokens": self.info.get("seen_tokens", 0), "cached_tokens": self.info.get("cached_tokens", 0),
-                "max_cached_tokens": self.info.get("max_cached_tokens", room),
-                "pinned_tokens": self.info.get("pinned_tokens", 0), "turns": self.info.get("turns", turns)}
 
     def close(self) -> None:
         """Delete the server session (best effort: a server already gone is fine)."""
@@ -188,6 +279,14 @@ class RemoteSession:
             self.session_id = None
 
     # --- HTTP ----------------------------------------------------------------------------------
+
+    def _settle(self) -> None:
+        """Adopt the server's transcript after a reply stopped early; without it (the server is
+        slow or gone) the next request still works: the server rebuilds the session."""
+        try:
+            self.refresh()
+        except (ServerError, OSError):
+            pass
 
     def _new_session(self) -> str:
         sid = self._json("POST", "/v1/sessions", {"pin_system": bool(self.pin_system)}).get("id")
@@ -310,5 +409,5 @@ def _http_error(err: urllib.error.HTTPError, method: str, path: str, url: str) -
     except (ValueError, OSError, http.client.HTTPException):
         pass
     message = message or err.reason or "no message"
-    hint = " (give it with --api-key or $STREAMINGLLM_API_KEY)" if err.code == 401 else ""
+    hint = " (give it with --api-key or $STREAMINGLLM_API_KEY; api_key in Python)" if err.code == 401 else ""
     return ServerError(f"the server at {url} answered {err.code} to {method} {path}: {message}{hint}", err.code, param)
