@@ -15,12 +15,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..cache import SinkCache
-from ..checks import ArgumentError, check_int, check_int_list
+from ..checks import check_int, check_int_list
 from ..compat import vocab_size
 from ..feed import decode_rows
 from ..report import progress_bar
 from .arms import Forward
-from .decode import FILL_EXTRA
+from .decode import FILL_EXTRA, check_sizes
 from .schedule import interleave
 from .stats import arm_stats
 
@@ -35,11 +35,7 @@ def check_batch_args(sizes, batch=(1, 2, 4, 8), steps: int = 64, warmup: int = 8
     Raises :class:`~streamingllm.checks.ArgumentError` (a ``ValueError``; ``TypeError`` for a
     wrong type) naming the parameter.
     """
-    sink_size = check_int("sink_size", sink_size, 0)
-    sizes = check_int_list("sizes", sizes)
-    if min(sizes) <= sink_size:
-        raise ArgumentError("sizes", f"must each be > the sink size ({sink_size}): a cache of N tokens holds the "
-                            f"sinks and N - {sink_size} window tokens", sizes)
+    sizes, sink_size = check_sizes(sizes, sink_size)
     return dict(sizes=sizes, batch=sorted(check_int_list("batch", batch, 1)), steps=check_int("steps", steps, 1),
                 warmup=check_int("warmup", warmup, 0), sink_size=sink_size, block=check_int("block", block, 1))
 

@@ -32,6 +32,17 @@ DECODE_COLUMNS = [
 ]
 
 
+def check_sizes(sizes, sink_size: int) -> tuple[list[int], int]:
+    """Cache sizes (tokens) and the sink size checked together: each cache of N tokens holds the
+    sinks and at least one window token. Returns ``(sizes, sink_size)`` normalised."""
+    sink_size = check_int("sink_size", sink_size, 0)
+    sizes = check_int_list("sizes", sizes)
+    if min(sizes) <= sink_size:
+        raise ArgumentError("sizes", f"must each be > the sink size ({sink_size}): a cache of N tokens holds the "
+                            f"sinks and N - {sink_size} window tokens", sizes)
+    return sizes, sink_size
+
+
 def check_decode_args(
     sizes, methods=METHODS, steps: int = 64, warmup: int = 8, recompute_steps: int | None = None,
     sink_size: int = 4, block: int = 8, recompute_logits: str = "all",
@@ -41,11 +52,7 @@ def check_decode_args(
     Raises :class:`~streamingllm.checks.ArgumentError` (a ``ValueError``; ``TypeError`` for a
     wrong type) naming the parameter.
     """
-    sink_size = check_int("sink_size", sink_size, 0)
-    sizes = check_int_list("sizes", sizes)
-    if min(sizes) <= sink_size:
-        raise ArgumentError("sizes", f"must each be > the sink size ({sink_size}): a cache of N tokens holds the "
-                            f"sinks and N - {sink_size} window tokens", sizes)
+    sizes, sink_size = check_sizes(sizes, sink_size)
     steps = check_int("steps", steps, 1)
     return dict(
         sizes=sizes, methods=check_choices("methods", methods, METHODS), steps=steps,
@@ -124,32 +131,11 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
             toks = toks.to(model.device)
             arms, peaks = {}, {}
             for m in list(methods_now):
-                bar.set_description(f"decode N={n} fill {m}")
-                release_freed_memory()
-                before = mem.current()
-                method, _, label = m.partition("@")
-                arms[m] = Arm(method, fwds[f"@{label}" if label else ""], n, ids, a["sink_size"],
-                              last_only=a["recompute_logits"] == "last", gguf=gguf)
-                if method in COMPILED:
-                    try:
-                        before += _compile(arms[m], toks, mem)
-                    except Exception as err:  # no C++ compiler, unsupported backend, ...
-                        why = str(err) if isinstance(err, _FellBack) else \
-                            f"{type(err).__name__}: {(str(err).splitlines() or [''])[0]}"
-                        warnings.warn(f"torch.compile failed, dropping the {m} arm: {why}", RuntimeWarning,
-                                      stacklevel=2)
-                        methods_now.remove(m)
-                        del arms[m]
-                        continue
-                release_freed_memory()
-                arms[m].fwd.sync()
-                mem.reset_peak()
-                for tok in toks[: warms[m]]:  # untimed: warm-up and memory probe
-                    arms[m].step(tok)
-                    arms[m].after()
-                    bar.update(1)
-                arms[m].fwd.sync()
-                peaks[m] = baseline + mem.peak() - before
+                filled = _fill_arm(m, fwds, n, ids, toks, a, gguf, warms[m], mem, baseline, bar)
+                if filled is None:  # compilation failed (warned)
+                    methods_now.remove(m)
+                    continue
+                arms[m], peaks[m] = filled
             if not arms:  # every arm dropped
                 continue
             bar.set_description(f"decode N={n}")
@@ -157,22 +143,56 @@ def bench_decode(model, sizes: Sequence[int] = (256, 512, 1024, 2048, 4096), met
                                {m: counts[m] for m in arms}, a["block"], rounds=math.ceil(a["steps"] / a["block"]),
                                sync=next(iter(fwds.values())).sync, after={m: arm.after for m, arm in arms.items()},
                                on_step=lambda m: bar.update(1))
-            for m, arm in arms.items():
-                arm.check_held()
-                stats = latency_stats(times[m])
-                limit = None if m == "llama.cpp" else limit_ms(arm.fwd.model, n + 1, bandwidth)
-                rows.append({"size": n, "method": m, "steps": stats.pop("n"), **stats,
-                             "state_mib": 0.0 if arm.state is None else storage_bytes(arm.state) / MIB,
-                             "peak_mib": peaks[m] / MIB, "mem_source": mem.source, "limit_ms": limit,
-                             "vs_limit": None if limit is None else stats["median_ms"] / limit})
+            rows += [_row(m, arm, n, times[m], peaks[m], mem.source, bandwidth) for m, arm in arms.items()]
             add_ratios(rows)
             if on_row is not None:
                 for r in rows[-len(arms):]:
                     on_row(r)
-            arms = arm = None  # freed before the next size's memory probes
+            arms = None  # freed before the next size's memory probes
     finally:
         bar.close()
     return rows
+
+
+def _fill_arm(m: str, fwds: dict, n: int, ids: torch.Tensor, toks: torch.Tensor, a: dict, gguf, warm: int,
+              mem: PeakMemory, baseline: int, bar) -> tuple[Arm, int] | None:
+    """Build arm ``m`` holding ``n`` tokens, compile it if it is a compiled arm, and run its ``warm``
+    untimed steps; returns the arm and its peak memory (bytes, with the model and this arm's state
+    only), or None (with a ``RuntimeWarning``) when its compilation failed."""
+    bar.set_description(f"decode N={n} fill {m}")
+    release_freed_memory()
+    before = mem.current()
+    method, _, label = m.partition("@")
+    arm = Arm(method, fwds[f"@{label}" if label else ""], n, ids, a["sink_size"],
+              last_only=a["recompute_logits"] == "last", gguf=gguf)
+    if method in COMPILED:
+        try:
+            before += _compile(arm, toks, mem)
+        except Exception as err:  # no C++ compiler, unsupported backend, ...
+            first_line = (str(err).splitlines() or [""])[0]
+            why = str(err) if isinstance(err, _FellBack) else f"{type(err).__name__}: {first_line}"
+            warnings.warn(f"torch.compile failed, dropping the {m} arm: {why}", RuntimeWarning, stacklevel=3)
+            return None
+    release_freed_memory()
+    arm.fwd.sync()
+    mem.reset_peak()
+    for tok in toks[:warm]:  # untimed: warm-up and memory probe
+        arm.step(tok)
+        arm.after()
+        bar.update(1)
+    arm.fwd.sync()
+    return arm, baseline + mem.peak() - before
+
+
+def _row(m: str, arm: Arm, n: int, times_s: list[float], peak: int, mem_source: str, bandwidth) -> dict:
+    """One arm's row at size ``n`` (see :func:`bench_decode`), after checking it held ``n`` tokens."""
+    arm.check_held()
+    stats = latency_stats(times_s)
+    limit = None if m == "llama.cpp" else limit_ms(arm.fwd.model, n + 1, bandwidth)
+    return {"size": n, "method": m, "steps": stats.pop("n"), **stats,
+            "state_mib": 0.0 if arm.state is None else storage_bytes(arm.state) / MIB,
+            "peak_mib": peak / MIB, "mem_source": mem_source, "limit_ms": limit,
+            "vs_limit": None if limit is None else stats["median_ms"] / limit}
 
 
 def _compile(arm: Arm, toks: torch.Tensor, mem: PeakMemory) -> int:

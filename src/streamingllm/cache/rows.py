@@ -147,7 +147,8 @@ class StackedRows(Cache):
         keys/values with the rows' mask attached."""
         if layer_idx == 0:
             if key_states.shape[-2] != 1:
-                raise ValueError(f"SinkCache: stacked streams take one token each per forward, got {key_states.shape[-2]}")
+                raise ValueError("SinkCache: stacked streams take one token each per forward, "
+                                 f"got {key_states.shape[-2]}")
             positions = update_position_ids(kwargs)
             if positions is not None:
                 positions = positions.expand(key_states.shape[0], -1)

@@ -90,7 +90,8 @@ class SinkCache(Cache):
         self.groups: list[LayerGroup] = build_groups(  # the global group first, when there is one
             config, family, model_or_config, sink_size, window_size, slack=slack, rebase_every=rebase_every,
             fast_chunks=fast_chunks, devices=devices, rotators=rotators)
-        self._group_of: list[LayerGroup] = [next(g for g in self.groups if i in g.layers) for i in range(self.num_layers)]
+        self._group_of: list[LayerGroup] = [next(g for g in self.groups if i in g.layers)
+                                            for i in range(self.num_layers)]
         #: Each layer's policy: ``"global"`` (sinks + window) or ``"sliding"`` (the model's own window).
         self.layer_policies: list[Policy] = [g.policy for g in self._group_of]
         #: The primary group's timeline and sink store: the global layers' (the sliding ones' when all slide).
@@ -245,8 +246,10 @@ class SinkCache(Cache):
         if not all(group.full for group in self.groups):
             return None
         p = self.timeline.next_position()
-        PreparedStep.prepare(self.groups, self.layers, self._group_of, p,
-                             on_planned=lambda step: setattr(self, "_pending", step))  # undone even if what follows fails
+        def planned(step: PreparedStep) -> None:  # kept at once: undone even if what follows fails
+            self._pending = step
+
+        PreparedStep.prepare(self.groups, self.layers, self._group_of, p, on_planned=planned)
         self._position.fill_(p)
         return self._handed.hand_out(self._position, p)
 
