@@ -127,6 +127,10 @@ class RemoteSession:
         api_key: sent as ``Authorization: Bearer <api_key>`` (None: no header).
         system: the system prompt, first in every request (None: none).
         pin_system: ask the server to keep the whole system prompt as attention sinks.
+        session_id: continue this existing server session instead of opening a new one: its
+            transcript (``GET /v1/sessions/{id}``), system prompt and pinning are adopted, and
+            ``system`` and ``pin_system`` are not used. :class:`ServerError` (status 404) when the
+            server knows no such session.
         sampling: a :class:`~streamingllm.feed.Sampling` (None: greedy); its ``penalty_last_n``
             is the server's to choose and is not sent.
         max_new_tokens: most tokens per reply (``max_tokens``).
@@ -148,7 +152,9 @@ class RemoteSession:
 
     Errors: :class:`ServerUnreachableError` (an ``OSError``) when there is no connection,
     :class:`ServerError` (a ``ValueError``) with the server's message when it refuses.
-    As a context manager, it deletes its server session on leaving (:meth:`close`).
+    As a context manager, it deletes its server session on leaving (:meth:`close`), unless
+    :meth:`keep` was called: then the session stays on the server, to be continued with
+    ``session_id``.
     """
 
     interruptible = True  # closing the connection cancels the reply on the server
@@ -156,7 +162,8 @@ class RemoteSession:
 
     def __init__(self, url: str, api_key: str | None = None, *, system: str | None = None, pin_system: bool = False,
                  sampling: Sampling | None = None, max_new_tokens: int = 256, min_new_tokens: int = 0,
-                 stop: tuple[str, ...] | list[str] = (), timeout: float = 30.0, busy_wait: float = 30.0):
+                 stop: tuple[str, ...] | list[str] = (), timeout: float = 30.0, busy_wait: float = 30.0,
+                 session_id: str | None = None):
         self.url = server_url(url)
         self.api_key, self.system, self.pin_system = api_key, system, pin_system
         self.sampling, self.max_new_tokens, self.min_new_tokens = sampling, max_new_tokens, min_new_tokens
@@ -172,7 +179,11 @@ class RemoteSession:
             raise ServerError(f"the server at {self.url} lists no model at /v1/models")
         self.model: str = models[0]["id"]
         self.session_id: str | None = None
-        self.reset()
+        self._keep = False
+        if session_id is None:
+            self.reset()
+        else:
+            self._adopt(session_id)
 
     def __enter__(self) -> RemoteSession:
         return self
@@ -272,11 +283,34 @@ class RemoteSession:
             self._unsettled = False
         return self.info
 
+    def keep(self) -> None:
+        """Leave the server session on the server when this conversation closes (with the server's
+        ``--state-dir`` it outlives eviction and restarts); continue it with ``session_id``."""
+        self._keep = True
+
     def close(self) -> None:
-        """Delete the server session (best effort: a server already gone is fine)."""
-        if self.session_id is not None:
+        """Delete the server session (best effort: a server already gone is fine), unless
+        :meth:`keep` was called; either way this object is done with it."""
+        if self.session_id is not None and not self._keep:
             self._delete(self.session_id)
-            self.session_id = None
+        self.session_id = None
+
+    def _adopt(self, sid: str) -> None:
+        """Continue the existing server session ``sid``: its transcript, system prompt and pinning."""
+        if not isinstance(sid, str) or not sid.strip():
+            raise ArgumentError("session_id", "must be a non-empty server session id", sid)
+        self.session_id = sid
+        self.info: dict = {}
+        self._unsettled = False
+        described = self._json("GET", f"/v1/sessions/{urllib.parse.quote(sid)}")
+        messages = described.get("messages")
+        if not isinstance(messages, list):
+            raise ServerError(f"the server at {self.url} gave no transcript for session {sid!r}")
+        self.messages: list[dict] = messages
+        self.pin_system = bool(described.get("pin_system", False))
+        first = messages[0] if messages and isinstance(messages[0], dict) else {}
+        self.system = first.get("content") if first.get("role") == "system" else None
+        self.info = {k: v for k, v in described.items() if k != "messages"}
 
     # --- HTTP ----------------------------------------------------------------------------------
 
@@ -304,14 +338,15 @@ class RemoteSession:
         s = self.sampling
         body = {"model": self.model, "messages": messages, "stream": True, "session_id": self.session_id,
                 "max_tokens": self.max_new_tokens, "min_tokens": self.min_new_tokens, "stop": self.stop}
-        if s is not None:
-            body.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k,
-                        presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
-                        repetition_penalty=s.repetition_penalty)
-            if s.seed is not None:
-                body["seed"] = s.seed
-        else:
-            body["temperature"] = 0.0
+        if s is None:  # greedy, whatever the server's defaults for the settings a request leaves unset
+            from .sampling import Sampling
+
+            s = Sampling()
+        body.update(temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, min_p=s.min_p,
+                    presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                    repetition_penalty=s.repetition_penalty)
+        if s.seed is not None:
+            body["seed"] = s.seed
         return body
 
     def _open_reply(self, messages: list[dict]) -> http.client.HTTPResponse:

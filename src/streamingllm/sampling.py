@@ -1,7 +1,8 @@
 """Choosing the next token: the one token loop shared by generation, sessions and the server.
 
-* :class:`Sampling` says how a token is chosen (greedy, temperature, top-k, top-p, the
+* :class:`Sampling` says how a token is chosen (greedy, temperature, top-k, top-p, min-p, the
   repetition/presence/frequency penalties); it is a frozen setting, shared freely.
+  :func:`model_sampling` reads a model's own recommendation from its ``generation_config``.
 * :class:`TokenChooser` applies it to one stream: it owns the stream's random generator and its
   memory of recent tokens (for ``penalty_last_n``), and suppresses the stop tokens until the
   reply is ``min_new_tokens`` long. Each call takes the next-token logits and returns the token.
@@ -14,7 +15,7 @@ settings and logits both choose the same tokens.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -29,6 +30,8 @@ class Sampling:
         temperature: softmax temperature (> 0); 0 means greedy (argmax).
         top_k: keep only the k most likely tokens (0 = no limit).
         top_p: keep the smallest set of tokens whose probability sums to >= top_p (1 = no limit).
+        min_p: keep only the tokens whose probability is >= min_p times the most likely token's
+            (after the temperature; in [0, 1], 0 = no limit).
         seed: random seed for sampling (None = not seeded).
         repetition_penalty: divides the positive logits and multiplies the negative ones of the
             tokens among the last ``penalty_last_n`` (as transformers and llama.cpp do; > 0,
@@ -47,13 +50,15 @@ class Sampling:
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
+    min_p: float = 0.0
 
     def __post_init__(self):
         check_float("temperature", self.temperature, 0.0)
         check_int("top_k", self.top_k, 0)
         check_float("top_p", self.top_p, 0.0, 1.0, open_min=True)
+        check_float("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
-            check_int("seed", self.seed)
+            check_int("seed", self.seed, -(2**63), 2**64 - 1)  # what torch.Generator.manual_seed takes
         check_float("repetition_penalty", self.repetition_penalty, 0.0, open_min=True)
         check_float("presence_penalty", self.presence_penalty, -2.0, 2.0)
         check_float("frequency_penalty", self.frequency_penalty, -2.0, 2.0)
@@ -90,7 +95,31 @@ class Sampling:
             cumulative = sorted_logits.softmax(-1).cumsum(-1)
             drop = cumulative - sorted_logits.softmax(-1) >= self.top_p
             logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        if self.min_p > 0:
+            probs = logits.softmax(-1)
+            logits = logits.masked_fill(probs < self.min_p * probs.amax(-1, keepdim=True), float("-inf"))
         return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+
+
+SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+"""The settings a transformers ``GenerationConfig`` may recommend (the names are the same)."""
+
+
+def model_sampling(generation_config, penalty_last_n: int = 64) -> Sampling | None:
+    """The sampling a model recommends in its ``generation_config`` (a transformers
+    ``GenerationConfig``), or None when it recommends none (it sets none of SAMPLING_KEYS).
+
+    The recommendation is taken whole: the keys it does not set are off (top-k, top-p and min-p
+    unlimited, no penalty; temperature 1), and ``do_sample: false`` makes it greedy.
+    ``penalty_last_n`` (tokens) is the penalties' memory, which transformers does not bound.
+    """
+    to_diff_dict = getattr(generation_config, "to_diff_dict", None)
+    own = to_diff_dict() if to_diff_dict else {}  # only what the model's config sets
+    given = {k: own[k] for k in SAMPLING_KEYS if own.get(k) is not None}
+    if not given:
+        return None
+    sampling = Sampling(**{"temperature": 1.0, **given, "penalty_last_n": penalty_last_n})
+    return replace(sampling, temperature=0.0) if own.get("do_sample") is False else sampling
 
 
 class TokenChooser:

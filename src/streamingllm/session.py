@@ -13,7 +13,10 @@ Tokens are chosen by :class:`~streamingllm.sampling.TokenChooser` (through
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -144,18 +147,30 @@ class Session:
                 "max_cached_tokens": self.cache.max_cached_tokens, "pinned_tokens": self.pinned_tokens,
                 "turns": sum(m["role"] == "user" for m in self.messages)}
 
-    def save(self, path) -> None:
-        """Write the conversation to ``path``: the transcript and the cache's exact state, so that
-        :meth:`load` continues it with the same next-token logits."""
-        torch.save({"format": 1, "cache": self.cache.state_dict(), "messages": self.messages, "last": self._last,
-                    "system": self.system, "pinned_tokens": self.pinned_tokens}, path)
+    def save(self, path, compress: bool = False) -> None:
+        """Write the conversation to ``path``: the transcript and the cache's exact state (the tokens
+        it holds, not its empty slots), so that :meth:`load` continues it with the same next-token
+        logits. ``compress``: gzip the file (lossless; smaller by what the values' bits allow)."""
+        state = {"format": 1, "cache": self.cache.state_dict(), "messages": self.messages, "last": self._last,
+                 "system": self.system, "pinned_tokens": self.pinned_tokens}
+        if not compress:
+            torch.save(state, path)
+            return
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        with open(path, "wb") as f:
+            f.write(gzip.compress(buffer.getbuffer(), compresslevel=6))
 
     def load(self, path) -> None:
         """Continue the conversation :meth:`save` wrote to ``path`` (same model and cache sizes;
         ValueError otherwise). The session's system prompt becomes the saved one."""
         try:
-            state = torch.load(path, weights_only=True)
-        except (OSError, RuntimeError) as err:
+            with open(path, "rb") as f:
+                data = f.read()
+            if data[:2] == b"\x1f\x8b":  # saved with compress=True
+                data = gzip.decompress(data)
+            state = torch.load(io.BytesIO(data), weights_only=True)
+        except (OSError, RuntimeError, EOFError, zlib.error) as err:
             raise ValueError(f"cannot read a saved conversation from {path}: {err}") from None
         if not isinstance(state, dict) or state.get("format") != 1:
             raise ValueError(f"{path} is not a conversation saved by streamingllm")

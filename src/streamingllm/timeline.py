@@ -204,6 +204,11 @@ class Timeline:
         self.frame_next += frame_shift
         self.sinks_in_buffer = None
 
+    def compacted(self) -> dict:
+        """The :meth:`snapshot` of this stream with its view moved to the buffer's start (a ring
+        already starts there): how a saved state stores it, without the buffer's empty slots."""
+        return {**self.snapshot(), "off": 0}
+
     def expect_exact(self, q: int) -> None:
         """The next forward, if of ``q`` tokens, comes with its exact banded mask."""
         self.exact_next = q

@@ -23,6 +23,7 @@ from tiny import tiny_config
      "evicts; lower --window-size or raise --num-tokens, got 500"),
     (["bench", "stream", "--random-weights", "--mode", "teacher-forced", "--text-file", "x.txt"], "--text-file needs"),
     (["bench", "stream", "--text-file", "x.txt"], "--text-file is for --mode teacher-forced"),
+    (["bench", "stream", "--window-size", "9000", "--num-tokens", "20000"], "--window-size with --sink-size 4 must keep"),
     (["bench", "decode", "--threads", "0"], "--threads must be an integer >= 1"),
     (["bench", "decode", "--recompute-logits", "none"], "--recompute-logits must be one of all, last, got 'none'"),
     (["bench", "decode", "--variants", "bfloat16+int4"],

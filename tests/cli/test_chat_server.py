@@ -61,6 +61,13 @@ def _chat(*flags: str) -> list[str]:
     return [sys.executable, "-m", "streamingllm.cli", "chat", *flags]
 
 
+def _before_kept(err: str) -> str:
+    """stderr up to the last line, which says the server session was kept."""
+    *before, last = err.rstrip().splitlines()
+    assert last.startswith("[server session ") and " kept; continue it with " in last, err
+    return "\n".join(before)
+
+
 def test_chat_talks_to_the_server(server, tmp_path):
     script = f"What is the capital of France?\n/save {tmp_path / 'c.pt'}\n/stats\n"
     run = subprocess.run(_chat("--server", server.url, "--max-new-tokens", "20"), input=script,
@@ -76,14 +83,27 @@ def test_chat_talks_to_the_server(server, tmp_path):
     assert len(stats) == 2 and stats[0] == stats[1], run.stderr
     cached, room, seen, turns = map(int, stats[1])
     assert room == 128 and 0 < cached <= room and seen >= cached and turns == 1
-    assert server.store.counts()["known"] == 0  # the chat deleted its session when it ended
+    # the server keeps the session when the chat ends, and the chat says how to continue it
+    kept = re.search(rf"\[server session (\S+) kept; continue it with --server {server.url} --session (\S+)\]",
+                     run.stderr)
+    assert kept and kept[1] == kept[2], run.stderr
+    sid = kept[1]
+    assert server.store.describe(sid)["turns"] == 1
+    again = subprocess.run(_chat("--server", server.url, "--session", sid, "--max-new-tokens", "20"),
+                           input="What did I just ask you?\n/quit\n", capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert f"continuing session {sid} (1 turn so far)" in again.stderr
+    assert again.stderr.count(", 2 turns]") == 1 and f"[server session {sid} kept" in again.stderr
+    described = server.store.describe(sid)
+    assert described["turns"] == 2 and described["messages"][0]["content"] == "What is the capital of France?"
+    server.store.delete(sid)
 
 
 def test_ctrl_c_stops_a_server_reply_and_keeps_the_conversation(server):
     code, out, err = interrupt_a_story(_chat("--server", server.url, "--max-new-tokens", "200", "--system",
                                              "You are a helpful assistant."))
     assert code == 0, err
-    assert "[stopped]" in err and err.rstrip().endswith("2 turns]"), err
+    assert "[stopped]" in err and _before_kept(err).endswith("2 turns]"), err
     lines = out.strip().splitlines()
     assert len(lines) == 2 and lines[-1].startswith("bot> ") and "Paris" in lines[-1], out
 
@@ -94,7 +114,13 @@ def test_the_servers_error_is_shown_and_the_chat_goes_on(server):
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert re.search(r"error: the server at \S+ answered 400 to POST /v1/chat/completions: .*stop", run.stderr)
-    assert "Traceback" not in run.stderr and run.stderr.rstrip().endswith("0 turns]")
+    assert "Traceback" not in run.stderr and _before_kept(run.stderr).endswith("0 turns]")
+
+
+def test_an_unknown_session_is_one_line(server, capsys):
+    assert main(["chat", "--server", server.url, "--session", "no-such-session"]) == 2
+    err = capsys.readouterr().err
+    assert "answered 404 to GET /v1/sessions/no-such-session" in err and len(err.strip().splitlines()) == 1
 
 
 def test_an_unreachable_server_is_one_line(capsys):

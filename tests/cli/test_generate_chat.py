@@ -28,7 +28,7 @@ from streamingllm.timeline import ApproximateChunkError
     "argv, message",
     [
         (["generate", "   "], "prompt is empty"),
-        (["generate", "--prompt-file", "/nonexistent/prompt.txt"], "cannot read"),
+        (["generate", "--text-file", "/nonexistent/prompt.txt"], "cannot read"),
         (["generate", "hi", "--sink-size", "-1"], "--sink-size must be an integer >= 0, got -1"),
         (["generate", "hi", "--window-size", "0"], "--window-size must be an integer >= 1, got 0"),
         (["generate", "hi", "--max-new-tokens", "-5"], "--max-new-tokens must be an integer >= 0, got -5"),
@@ -46,7 +46,13 @@ from streamingllm.timeline import ApproximateChunkError
         (["generate", "hi", "--presence-penalty", "3"], "--presence-penalty must be a number >= -2 and <= 2, got 3.0"),
         (["chat", "--penalty-last-n", "-1"], "--penalty-last-n must be an integer >= 0, got -1"),
         (["generate", "hi", "--min-new-tokens", "-2"], "--min-new-tokens must be an integer >= 0, got -2"),
-        (["generate", "hi", "--prompt-file", "p.txt"], "--prompt-file cannot be combined with a prompt argument"),
+        (["generate", "hi", "--text-file", "p.txt"], "--text-file cannot be combined with a prompt argument"),
+        (["generate", "hi", "--prompt-file", "p.txt"], "--text-file cannot be combined"),  # the old spelling
+        (["generate", "hi", "--window-size", "100000"], "--window-size with --sink-size 4 must keep the cache below "
+                                                        "the model's trained length of 8192 tokens (--window-size at "
+                                                        "most 8187; --beyond-trained-length allows more"),
+        (["chat", "--window-size", "8188"], "trained length of 8192 tokens"),
+        (["chat", "--session", "abc"], "--session needs --server URL"),
         (["chat", "--server", "ftp://127.0.0.1"], "--server must be an http:// or https:// URL"),
     ],
 )
@@ -92,15 +98,90 @@ def test_a_bug_prints_its_traceback():
     assert "streamingllm: error" not in run.stderr
 
 
-def test_chat_refuses_a_model_without_a_chat_template(monkeypatch, capsys):
+@pytest.mark.parametrize("command", ["chat", "serve"])
+def test_a_model_without_a_chat_template_is_refused_before_its_weights_load(command, tmp_path, monkeypatch, capsys):
+    """The tokenizer is enough to refuse a base model: its weights are never read."""
     from types import SimpleNamespace
 
-    from streamingllm.cli import chat
+    import transformers
 
-    monkeypatch.setattr(chat, "load_model", lambda args: (None, SimpleNamespace(chat_template=None)))
-    assert main(["chat", "--model", "base-model"]) == 2
-    assert capsys.readouterr().err == ("streamingllm: error: --model must be a chat (instruct) model: its tokenizer "
-                                       "has no chat template, got 'base-model'\n")
+    (tmp_path / "config.json").write_text("{}")
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained",
+                        lambda *a, **k: SimpleNamespace(chat_template=None))
+
+    def weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", weights)
+    assert main([command, "--model", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == (f"streamingllm: error: --model must be a chat (instruct) model: its tokenizer "
+                                       f"has no chat template, got '{tmp_path}'\n")
+
+
+def test_a_cache_past_the_trained_length_is_refused_before_loading(monkeypatch, capsys):
+    """A named model's trained length is known before loading; other models are checked once loaded,
+    before their cache allocates; --beyond-trained-length opts in."""
+    from types import SimpleNamespace
+
+    import streamingllm.models
+    from streamingllm.checks import ArgumentError
+    from streamingllm.cli.options import check_trained_length
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(streamingllm.models, "load", load)
+    assert main(["generate", "hi", "--window-size", "100000"]) == 2
+    assert "--window-size" in capsys.readouterr().err
+    args = SimpleNamespace(model="some/folder", sink_size=4, window_size=60, beyond_trained_length=False)
+    model = SimpleNamespace(config=SimpleNamespace(max_position_embeddings=64))
+    check_trained_length(args)  # unknown before loading
+    with pytest.raises(ArgumentError, match="trained length of 64 tokens"):
+        check_trained_length(args, model)
+    args.window_size = 59
+    check_trained_length(args, model)
+    args.window_size, args.beyond_trained_length = 100000, True
+    check_trained_length(args, model)
+
+
+def test_first_use_assembly_of_a_named_model_is_announced(tmp_path, monkeypatch):
+    """gemma3-270m's 253 MB file is assembled on first use: one line says so before, none after."""
+    import importlib
+    import importlib.util
+    from types import SimpleNamespace
+
+    from streamingllm import models
+
+    events = []
+
+    def assemble(path, overwrite=False):
+        events.append("assemble")
+        path.write_text("gguf")
+        return path
+
+    fake = SimpleNamespace(MODEL_NAME="gemma.gguf", assemble=assemble, default_output_path=lambda: tmp_path / "x")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(importlib, "import_module", lambda name: fake)
+    assert models.gemma3_gguf_path(tmp_path, announce=events.append) == tmp_path / "gemma.gguf"
+    assert len(events) == 2 and events[0].startswith("assembling gemma3-270m") and events[1] == "assemble"
+    models.gemma3_gguf_path(tmp_path, announce=events.append)  # kept: checked, not assembled again
+    assert events[2:] == ["assemble"]
+
+
+def test_the_command_line_loads_with_the_announcement_on_stderr(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    import streamingllm.models
+    from streamingllm.cli.options import load_model
+
+    def load(name, **kwargs):
+        kwargs["announce"]("assembling something")
+        return "model", "tokenizer"
+
+    monkeypatch.setattr(streamingllm.models, "load", load)
+    args = SimpleNamespace(model="gemma3-270m", dtype="float32", device="cpu", quantize="none")
+    assert load_model(args) == ("model", "tokenizer")
+    assert capsys.readouterr().err == "streamingllm: assembling something\n"
 
 
 def test_non_integer_size_is_rejected_by_argparse(capsys):
@@ -116,8 +197,9 @@ def test_version_and_top_level_help(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for command in ("generate", "chat", "perplexity", "bench"):
-        assert command in out
+    for command in ("generate", "chat", "serve", "perplexity", "attention", "streameval", "passkey", "pretrain",
+                    "bench"):
+        assert len(re.findall(rf"^ {{2,4}}{command}\b", out, re.M)) == 1, out  # listed once
 
 
 @pytest.mark.parametrize("command", [["generate"], ["chat"], ["perplexity"], ["bench", "decode"], ["bench", "stream"]])
@@ -176,7 +258,8 @@ def test_generate_with_int8_weights_and_the_compiled_step(compile_as_identity, c
 
 @pytest.mark.slow
 def test_a_cache_too_large_for_memory_is_refused_before_allocating(capsys):
-    assert main(["generate", "hi", "--window-size", "10000000000", "--max-new-tokens", "1"]) == 2
+    assert main(["generate", "hi", "--window-size", "10000000000", "--max-new-tokens", "1",
+                 "--beyond-trained-length"]) == 2
     err = capsys.readouterr().err
     assert "GiB" in err and "lower --window-size" in err and "Traceback" not in err
 
@@ -207,3 +290,50 @@ def test_chat_commands_save_reset_load_and_report_errors(tmp_path):
     assert "[conversation reset]" in run.stderr and "0 seen, 0 turns" in run.stderr
     assert "error: unknown command /bogus" in run.stderr and "cannot read a saved conversation" in run.stderr
     assert run.stderr.rstrip().endswith("2 turns]")
+
+
+class _Echo:
+    """A conversation that answers every message with "ok" and counts what it was sent."""
+
+    interruptible, can_save = False, False
+
+    def __init__(self):
+        self.messages, self.sent = [], []
+
+    def reply(self, text):
+        self.sent.append(text)
+        yield "ok"
+
+    def stats(self, refresh=False):
+        return {"seen_tokens": 0, "cached_tokens": 0, "max_cached_tokens": 8, "pinned_tokens": 0,
+                "turns": len(self.sent)}
+
+
+@pytest.mark.parametrize("last", ["/quit", "/exit", None])  # None: Ctrl-D
+def test_an_empty_line_at_the_prompt_does_not_end_the_chat(last, monkeypatch, capsys):
+    """At a terminal, Enter on an empty line does nothing; only /quit, /exit or Ctrl-D end the chat."""
+    from streamingllm.cli import chat
+
+    lines = iter(["", "hello", "   ", "", "again", last, "never read"])
+
+    def typed(prompt=""):
+        line = next(lines)
+        if line is None:
+            raise EOFError
+        return line
+
+    monkeypatch.setattr("builtins.input", typed)
+    echo = _Echo()
+    assert chat._loop(echo, "cache", interactive=True) == 0
+    assert echo.sent == ["hello", "again"] and next(lines) == "never read"
+
+
+def test_a_piped_chat_ends_at_quit_or_the_end_of_input(monkeypatch, capsys):
+    from streamingllm.cli import chat
+
+    for script, sent in (("\n\nhello\n\n/quit\nnot sent\n", ["hello"]), ("hello\n\nagain\n", ["hello", "again"])):
+        monkeypatch.setattr(sys, "stdin", io.StringIO(script))
+        echo = _Echo()
+        assert chat._loop(echo, "cache", interactive=False) == 0
+        assert echo.sent == sent
+    assert capsys.readouterr().out.count("bot> ok") == 3

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
+
 
 import pytest
 import torch
@@ -483,6 +485,36 @@ def test_a_saved_cache_continues_exactly(family, tmp_path):
     assert (a - b).abs().max().item() == 0
     with pytest.raises(ValueError, match="window_size"):
         SinkCache(model, 4, 21).load_state_dict(original.state_dict())
+
+
+@pytest.mark.parametrize("family", ["llama", "bloom"])
+@pytest.mark.parametrize("fed", [10, 97, 101])
+def test_a_saved_state_holds_only_the_held_tokens_and_old_states_still_load(family, fed, tmp_path):
+    """A saved state keeps each layer's window in stream order (no empty slots, whatever the layout:
+    filling, mid-ring, an ALiBi view moved along its slack), and continues exactly; so does a state
+    in the first format (whole buffers and the timeline's layout), as saved before issue 23."""
+    model = tiny_model(family)
+    ids = torch.randint(0, VOCAB, (1, fed + 30), generator=torch.Generator().manual_seed(24))
+    original = SinkCache(model, 4, 20, rebase_every=30)
+    prefill(model, original, ids[:, :fed], chunk_size=1)
+    state = original.state_dict()
+    batch, heads, _, dim = original.layers[0].keys.shape
+    slots = original.cached_tokens - min(fed, 4) + original.timeline.ring  # a decode ring keeps its free slot
+    assert state["format"] == 2 and all(k.shape == v.shape == (batch, heads, slots, dim) for k, v, _ in state["layers"])
+    assert all(k.untyped_storage().nbytes() == k.numel() * k.element_size() for k, _, _ in state["layers"])  # copies
+    old = {"format": 1, "family": original.family.name, "num_layers": original.num_layers, "sink_size": 4,
+           "window_size": 20, "policies": list(original.layer_policies),
+           "timeline": dataclasses.asdict(original.timeline),
+           "timelines": [dataclasses.asdict(g.timeline) for g in original.groups],
+           "layers": [(l.keys.clone(), l.values.clone(), l.sink_values.clone()) for l in original.layers],
+           "sinks": [l.sinks.stored(l.index).clone() for l in original.layers]}
+    expected = prefill(model, original, ids[:, fed:], chunk_size=1, return_all_logits=True)
+    for saved in (state, old):
+        torch.save(saved, tmp_path / "cache.pt")
+        restored = SinkCache(model, 4, 20, rebase_every=30)
+        restored.load_state_dict(torch.load(tmp_path / "cache.pt", weights_only=True))
+        got = prefill(model, restored, ids[:, fed:], chunk_size=1, return_all_logits=True)
+        assert (got - expected).abs().max().item() == 0, saved["format"]
 
 
 def test_undoing_a_prepared_rebase_rounds_bfloat16_keys_once():

@@ -8,7 +8,7 @@ import torch
 
 from streamingllm import Sampling, SinkCache, generate_tokens, prefill
 from streamingllm.checks import ArgumentError
-from streamingllm.sampling import TokenChooser
+from streamingllm.sampling import TokenChooser, model_sampling
 from streamingllm.session import StopStrings
 from streamingllm.text import ReplyText
 from tiny import VOCAB, tiny_model
@@ -99,6 +99,46 @@ def test_seeded_choosers_repeat_each_other():
     runs = [[int(c(logits)[0]) for _ in range(20)] for c in (TokenChooser(sampling, [1, 2], "cpu") for _ in range(2))]
     other = TokenChooser(Sampling(temperature=1.5, top_k=40, top_p=0.9, seed=10, frequency_penalty=0.5), [1, 2], "cpu")
     assert runs[0] == runs[1] != [int(other(logits)[0]) for _ in range(20)]
+
+
+def test_min_p_keeps_the_tokens_at_least_min_p_times_as_likely_as_the_most_likely():
+    """min_p's definition, on the temperature-scaled distribution: p(token) >= min_p * max p."""
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    rows = probs.log().expand(4000, 4)
+    picked = Sampling(temperature=1.0, min_p=0.2).pick(rows, torch.Generator().manual_seed(0))
+    counts = torch.bincount(picked, minlength=4).float() / len(picked)
+    assert counts[3] == 0  # 0.05 < 0.2 * 0.5: dropped
+    assert counts[:3].tolist() == pytest.approx((probs[:3] / probs[:3].sum()).tolist(), abs=0.03)  # the rest renormalised
+    assert torch.bincount(Sampling(temperature=1.0).pick(rows, torch.Generator().manual_seed(0)), minlength=4)[3] > 0
+    two = torch.tensor([[0.0, -2.0]]).expand(2000, 2)  # p1 / p0 = e^-2 = 0.14 at temperature 1, e^-1 = 0.37 at 2
+    assert Sampling(temperature=1.0, min_p=0.2).pick(two, torch.Generator().manual_seed(1)).max() == 0
+    assert Sampling(temperature=2.0, min_p=0.2).pick(two, torch.Generator().manual_seed(1)).max() == 1
+    chooser = TokenChooser(Sampling(temperature=1.0, min_p=0.2, seed=3), [0], "cpu")  # the chooser applies it too
+    assert chooser(rows[:500]).max() < 3
+    with pytest.raises(ArgumentError, match="min_p must be a number >= 0 and <= 1"):
+        Sampling(min_p=1.5)
+
+
+def test_a_models_generation_config_gives_its_recommended_sampling():
+    class Config:  # a transformers GenerationConfig: to_diff_dict() holds what the model's file sets
+        def __init__(self, **own):
+            self.own = own
+
+        def to_diff_dict(self):
+            return {"bos_token_id": 1, "_from_model_config": True, **self.own}
+
+    assert model_sampling(Config()) is None and model_sampling(None) is None  # nothing recommended
+    qwen = model_sampling(Config(do_sample=True, temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05), 32)
+    assert qwen == Sampling(temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05, penalty_last_n=32)
+    assert model_sampling(Config(top_p=0.9)) == Sampling(temperature=1.0, top_p=0.9)  # the rest off, temperature 1
+    assert model_sampling(Config(do_sample=False, temperature=0.6)).temperature == 0.0  # greedy
+
+
+def test_seeds_are_what_a_torch_generator_takes():
+    for seed in (-(2**63), 2**64 - 1):
+        TokenChooser(Sampling(temperature=1.0, seed=seed), [0], "cpu")
+    with pytest.raises(ArgumentError, match="seed must be an integer"):
+        Sampling(seed=2**64)
 
 
 class Pieces:

@@ -109,11 +109,13 @@ def test_stop_strings_end_the_shown_reply(smollm):
     assert turn.status == "continued"  # the shown reply matches the transcript
 
 
-def test_a_saved_conversation_continues_exactly(smollm, tmp_path):
+@pytest.mark.parametrize("compress", [False, True])
+def test_a_saved_conversation_continues_exactly(smollm, tmp_path, compress):
     model, tokenizer = smollm
     session = Session(model, tokenizer, 4, 60, system="Answer in one short sentence.", max_new_tokens=30)
     "".join(session.reply("What is the capital of France?"))
-    session.save(tmp_path / "chat.pt")
+    session.save(tmp_path / "chat.pt", compress=compress)
+    assert (tmp_path / "chat.pt").read_bytes()[:2] == (b"\x1f\x8b" if compress else b"PK")  # gzip, or torch's zip
     again = Session(model, tokenizer, 4, 60, max_new_tokens=30)
     again.load(tmp_path / "chat.pt")
     assert again.messages == session.messages and again.cache.seen_tokens == session.cache.seen_tokens

@@ -84,3 +84,64 @@ def test_figures_are_written(results, tmp_path):
     assert (tmp_path / "a" / "curves.png").read_bytes()[:4] == b"\x89PNG"
     sweep = results + [scores(Setting("streaming", 4, 28), np.ones(99))]
     assert plot_sweep(sweep, tmp_path / "sweep.png") is True and (tmp_path / "sweep.png").stat().st_size > 10_000
+
+
+def test_a_subsampled_runs_thin_segments_are_marked(results):
+    """Recompute scored 24-25 tokens per segment here: its segment cells carry '*' and a note says
+    why; streaming's, on every token, do not."""
+    lines = format_summary(summarize(results, 100, segment_tokens=50)).splitlines()
+    streaming, recompute = lines[2].split(), lines[3].split()
+    assert not any(cell.endswith("*") for cell in streaming)
+    assert [cell for cell in recompute if cell.endswith("*")] == [f"{np.exp(2.0):.2f}*"] * 2
+    assert lines[-2].startswith("* recompute 64: 24-25 scored tokens per segment, too few")
+    full = [results[0], scores(Setting("recompute", 0, 64), np.full(99, 2.0))]
+    assert "*" not in format_summary(summarize(full, 100, segment_tokens=50))
+
+
+def test_dense_is_drawn_dashed_on_top(results, monkeypatch, tmp_path):
+    """Where streaming equals dense (text inside the cache) the dense curve stays visible."""
+    import matplotlib.axes
+
+    drawn = []
+    original = matplotlib.axes.Axes.plot
+
+    def plot(self, *args, **kwargs):
+        drawn.append(kwargs)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "plot", plot)
+    dense = scores(Setting("dense"), np.ones(99))
+    plot_curves([results[0], dense], tmp_path / "curves.png", smooth=8)
+    assert drawn[1]["ls"] == "--" and drawn[1]["zorder"] > drawn[0].get("zorder", 2)
+
+
+def test_sink_shares_use_one_set_of_queries():
+    """The share on the first token never exceeds the share on the first k tokens: both are over
+    the queries at positions >= k (early queries attend to token 0 by necessity)."""
+    import torch
+
+    from streamingllm.evals.attention import sink_statistics
+    from streamingllm.evals.recall_report import sink_table
+
+    T = 12
+    a = torch.tril(torch.ones(T, T))
+    a[4:, 0] = 0.0  # later queries spread over tokens 1.. and never look at token 0
+    a = (a / a.sum(-1, keepdim=True))[None]  # (heads, queries, keys)
+    stats = sink_statistics([a], k=4, label="m")
+    assert stats.first_share[0] == 0.0 <= stats.sink_share[0]
+    assert stats.uniform_first == pytest.approx(np.mean(1.0 / np.arange(5, T + 1)))
+    assert "first 4 / first 1 (queries >= 4)" in sink_table([stats])
+
+
+def test_attention_maps_have_colour_bars(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    from streamingllm.evals.recall_report import plot_maps
+
+    bars = []
+    original = matplotlib.figure.Figure.colorbar
+    monkeypatch.setattr(matplotlib.figure.Figure, "colorbar",
+                        lambda self, *a, **k: bars.append(1) or original(self, *a, **k))
+    maps = np.random.default_rng(0).random((3, 5, 5))
+    plot_maps(maps, list("abcde"), tmp_path / "maps.png", [0, 2])
+    assert len(bars) == 2 and (tmp_path / "maps.png").stat().st_size > 0

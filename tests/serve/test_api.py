@@ -78,6 +78,28 @@ def test_models_health_metrics_and_page(server):
     assert "<title>streamingllm chat</title>" in server.http("GET", "/").text
 
 
+def test_unset_sampling_takes_the_servers_defaults_and_set_values_are_exact(server):
+    """The stock client sends no temperature: the server's defaults (llama.cpp's, the default model
+    recommending none) fill each unset field, shown in /health; a field a request sets is used
+    exactly, temperature 0 included."""
+    defaults = server.http("GET", "/health").json()["defaults"]
+    assert defaults == {"temperature": 0.8, "top_k": 40, "top_p": 0.95, "min_p": 0.05, "repetition_penalty": 1.1,
+                        "presence_penalty": 0.0, "frequency_penalty": 0.0, "penalty_last_n": 64, "max_tokens": 64,
+                        "max_tokens_limit": 4096}
+    client = server.client()
+
+    def ask(seed: int = 3, **kw) -> str:
+        r = client.chat.completions.create(model=MODEL, messages=QUESTION, max_tokens=12, seed=seed, **kw)
+        return r.choices[0].message.content
+
+    unset = ask()
+    assert unset == ask(temperature=0.8, top_p=0.95, extra_body={"top_k": 40, "min_p": 0.05, "repetition_penalty": 1.1})
+    openai_defaults = dict(temperature=1.0, top_p=1.0, extra_body={"top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0})
+    assert unset != ask(**openai_defaults)  # set: exactly those, not the server's
+    greedy = dict(temperature=0, extra_body={"repetition_penalty": 1.0})
+    assert ask(**greedy) == ask(seed=4, **greedy) and ask() != ask(seed=4)  # greedy: the seed does not matter
+
+
 def _filler(i: int, words: int = 330) -> str:
     """A user message of about ``words`` * 1.3 tokens, different every turn."""
     return f"Note {i}: " + " ".join(f"item{(i * 7 + k) % 97} is filed under shelf {k % 13}." for k in range(words // 6))

@@ -20,7 +20,7 @@ def _client(smollm, **settings):
     from streamingllm.serve.server import ServerSettings, build_app
 
     app, engine = build_app(*smollm, MODEL, ServerSettings(window_size=60, max_sessions=1, **settings))
-    return TestClient(app), engine
+    return TestClient(app, base_url="http://127.0.0.1"), engine  # a Host the server answers to
 
 
 def _ask(client, sid, messages):

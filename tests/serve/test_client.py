@@ -79,6 +79,26 @@ def test_reset_and_close_delete_the_server_sessions(server):
     assert remote.session_id is None and server.http("GET", f"/v1/sessions/{second}").status_code == 404
 
 
+def test_a_kept_session_is_continued_by_its_id(server):
+    """keep() leaves the session on the server; session_id adopts its transcript, system prompt and
+    pinning, and the next reply continues it (the server feeds only the new turn)."""
+    with RemoteSession(server.url, API_KEY, system=SYSTEM, pin_system=True, max_new_tokens=20) as first:
+        "".join(first.reply(QUESTION))
+        first.keep()
+        sid, transcript = first.session_id, list(first.messages)
+    assert first.session_id is None and server.http("GET", f"/v1/sessions/{sid}").status_code == 200
+    with RemoteSession(server.url, API_KEY, session_id=sid, max_new_tokens=20) as again:
+        assert (again.session_id, again.messages, again.system, again.pin_system) == (sid, transcript, SYSTEM, True)
+        assert again.stats()["turns"] == 1 and again.stats()["seen_tokens"] > 0
+        "".join(again.reply("And of Italy?"))
+        assert again.info["status"] == "continued", again.info
+        assert again.stats(refresh=True)["turns"] == 2
+    assert server.http("GET", f"/v1/sessions/{sid}").status_code == 404  # not kept this time: deleted
+    with pytest.raises(ServerError) as info:
+        RemoteSession(server.url, API_KEY, session_id="no-such-session")
+    assert info.value.status == 404
+
+
 def test_refusals_and_failures_are_typed_and_leave_the_conversation_as_it_was(server):
     with pytest.raises(ServerError) as info:
         RemoteSession(server.url, "wrong-key")

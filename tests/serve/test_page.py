@@ -26,26 +26,29 @@ def page(server):
 
 
 def test_type_a_message_and_see_it_streamed(server, page, tmp_path):
+    """Under the page's Content-Security-Policy, which forbids eval: the waits are Playwright's
+    locator assertions (its own isolated script), not wait_for_function strings."""
+    expect = pytest.importorskip("playwright.sync_api").expect
     page.goto(server.url)
     page.click("summary")  # the settings
     page.fill("#key", API_KEY)
     page.fill("#temp", "0")  # greedy, so the answer is known
-    page.wait_for_function("document.getElementById('info').textContent.includes('cache')")
+    expect(page.locator("#info")).to_contain_text("cache", timeout=60_000)
     page.fill("#input", "What is the capital of France?")
     page.keyboard.press("Enter")
     reply = page.locator(".msg.assistant span").last
-    page.wait_for_function("document.querySelectorAll('.msg.assistant span').length === 1 && "
-                           "document.querySelector('.msg.assistant span').textContent.length > 0")
+    expect(page.locator(".msg.assistant span")).to_have_count(1, timeout=60_000)
+    expect(reply).not_to_be_empty(timeout=120_000)
     partial = reply.text_content()  # the first pieces, while the rest is still coming
-    page.wait_for_function("!document.getElementById('send').disabled", timeout=120_000)
+    expect(page.locator("#send")).to_be_enabled(timeout=120_000)
     final = reply.text_content()
     assert "Paris" in final and final.startswith(partial)
     assert page.locator(".msg.user span").first.text_content() == "What is the capital of France?"
     assert "tokens seen" in page.locator("#info").text_content()  # the session's numbers, from the last chunk
     page.fill("#input", "And of Italy?")
     page.click("#send")
-    page.wait_for_function("document.querySelectorAll('.msg.assistant span').length === 2 && "
-                           "!document.getElementById('send').disabled", timeout=120_000)
+    expect(page.locator(".msg.assistant span")).to_have_count(2, timeout=120_000)
+    expect(page.locator("#send")).to_be_enabled(timeout=120_000)
     assert "Rome" in page.locator(".msg.assistant span").last.text_content()
     assert not page.locator(".msg.error").count()
     page.screenshot(path=str(tmp_path / "chat.png"))

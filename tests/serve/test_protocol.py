@@ -12,7 +12,12 @@ pytest.importorskip("fastapi")
 
 from streamingllm import __version__  # noqa: E402
 from streamingllm.serve.jobs import Failed, Finished, SessionReport, TokenLogprob, TokenText  # noqa: E402
-from streamingllm.serve.protocol import ChatCompletionRequest, CompletionRequest  # noqa: E402
+from pydantic import ValidationError  # noqa: E402
+
+from streamingllm.checks import ArgumentError  # noqa: E402
+from streamingllm.sampling import Sampling  # noqa: E402
+from streamingllm.serve.protocol import (LOCAL_SAMPLING, SAMPLING_FIELDS, ChatCompletionRequest,  # noqa: E402
+                                         CompletionRequest, RequestDefaults)
 from streamingllm.serve.serving import ChatReply, CompletionReply, JobEvents, _stream  # noqa: E402
 
 FP = f"streamingllm-{__version__}"
@@ -122,12 +127,61 @@ def test_requests_translate_themselves():
     chat = ChatCompletionRequest(model="m", messages=[{"role": "developer", "content": parts},
                                                       {"role": "user", "content": "Hi"}],
                                  temperature=0.0005, stop="END", logprobs=True, max_completion_tokens=9, min_tokens=2)
-    g = chat.to_generation(penalty_last_n=32, default_max_tokens=100)
+    g = chat.to_generation(RequestDefaults(Sampling(penalty_last_n=32), max_tokens=100))
     assert g.messages == [{"role": "system", "content": "Be kind"}, {"role": "user", "content": "Hi"}]
     assert (g.prompt, g.max_tokens, g.min_tokens, g.stop, g.top_logprobs) == (None, 9, 2, ("END",), 0)
     assert g.sampling.temperature == 0.0 and g.sampling.penalty_last_n == 32  # below 1e-3: greedy
-    text = CompletionRequest(model="m", prompt=["Once"], logprobs=3, seed=4).to_generation(64, 100)
+    text = CompletionRequest(model="m", prompt=["Once"], logprobs=3, seed=4).to_generation(
+        RequestDefaults(max_tokens=100))
     assert (text.messages, text.prompt, text.max_tokens, text.top_logprobs) == (None, "Once", 100, 3)
     assert text.sampling.seed == 4
     assert ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Hi"}]).to_generation(
-        64, 100).top_logprobs is None
+        RequestDefaults(max_tokens=100)).top_logprobs is None
+
+
+HI = [{"role": "user", "content": "Hi"}]
+SERVER = RequestDefaults(Sampling(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05, repetition_penalty=1.1,
+                                  presence_penalty=0.5, frequency_penalty=0.25, penalty_last_n=48), 16, 100)
+
+
+def test_unset_sampling_takes_the_servers_defaults_and_a_set_value_is_exact():
+    assert set(SAMPLING_FIELDS) <= {f for f in Sampling.__dataclass_fields__}
+    unset = ChatCompletionRequest(model="m", messages=HI, seed=5).to_generation(SERVER)
+    assert unset.sampling == Sampling(**{**SERVER.sampling.__dict__, "seed": 5}) and unset.max_tokens == 16
+    nulls = ChatCompletionRequest(model="m", messages=HI, **dict.fromkeys(SAMPLING_FIELDS)).to_generation(SERVER)
+    assert nulls.sampling == SERVER.sampling  # null is unset, as OpenAI reads it
+    off = dict(temperature=0, top_k=0, top_p=1, min_p=0, repetition_penalty=1, presence_penalty=0, frequency_penalty=0)
+    for cls, what in ((ChatCompletionRequest, {"messages": HI}), (CompletionRequest, {"prompt": "Once"})):
+        exact = cls(model="m", **what, **off).to_generation(SERVER).sampling
+        assert exact == Sampling(penalty_last_n=48)  # each value as given, even the ones that turn a filter off
+        one = cls(model="m", **what, temperature=1.3).to_generation(SERVER).sampling
+        assert one == Sampling(**{**SERVER.sampling.__dict__, "temperature": 1.3})
+    assert ChatCompletionRequest(model="m", messages=HI).to_generation().sampling == LOCAL_SAMPLING
+    assert (LOCAL_SAMPLING.temperature, LOCAL_SAMPLING.top_k, LOCAL_SAMPLING.top_p, LOCAL_SAMPLING.min_p,
+            LOCAL_SAMPLING.repetition_penalty, LOCAL_SAMPLING.penalty_last_n) == (0.8, 40, 0.95, 0.05, 1.1, 64)
+
+
+@pytest.mark.parametrize("field", ["max_tokens", "max_completion_tokens", "min_tokens"])
+def test_a_request_beyond_the_servers_max_tokens_limit_is_refused_naming_the_field(field):
+    ChatCompletionRequest(model="m", messages=HI, **{field: 100}).to_generation(SERVER)  # the limit itself is fine
+    with pytest.raises(ArgumentError, match=f"^{field} must be <= 100, this server's limit") as info:
+        ChatCompletionRequest(model="m", messages=HI, **{field: 101}).to_generation(SERVER)
+    assert info.value.param == field
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"stream": "yes"}, "stream"), ({"stream": 1}, "stream"), ({"max_tokens": "5"}, "max_tokens"),
+    ({"max_tokens": 5.0}, "max_tokens"), ({"temperature": "0.5"}, "temperature"), ({"logprobs": "true"}, "logprobs"),
+    ({"stream_options": {"include_usage": "yes"}}, "stream_options"), ({"seed": 2**64}, "seed"),
+    ({"seed": -(2**63) - 1}, "seed"), ({"messages": [{"role": "user", "content": "a\ud800b"}]}, "messages"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "\udfff"}]}]}, "messages"),
+    ({"stop": ["ok", "\ud83d"]}, "stop")])
+def test_fields_are_typed_strictly_and_text_must_be_unicode(body, param):
+    with pytest.raises(ValidationError) as info:
+        ChatCompletionRequest(**{"model": "m", "messages": HI, **body})
+    error = info.value.errors()[0]
+    assert error["loc"][0] == param
+    error["msg"].encode("utf-8")  # the message itself holds no lone surrogate (it could not be sent)
+    with pytest.raises(ValidationError, match="prompt must be valid Unicode: a lone surrogate"):
+        CompletionRequest(model="m", prompt="x\udc00")
+    ChatCompletionRequest(model="m", messages=HI, seed=-(2**63), temperature=1, stream=False)  # ints are numbers

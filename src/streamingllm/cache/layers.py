@@ -126,6 +126,26 @@ class SinkLayer(StaticLayer):
             self.sinks.store(self.index, s0, key_states[:, :, :k], step.new_sink_delta)
             self.sink_values[:, :, s0 : s0 + k].copy_(value_states[:, :, :k])
 
+    def held(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copies (batch, kv_heads, slots, head_dim) of the window's keys and values, in the order the
+        layer attends to them: what a saved state keeps of this layer besides its sinks (whose keys
+        the sink store keeps). A decode ring is kept whole (its ``W + 1`` slots, the free one too),
+        so that the restored keys sum in the same order and the logits stay bit for bit the same."""
+        t = self.timeline
+        lo, n = t.off + t.n_sink, t.window + (1 if t.ring else 0)
+        return self.keys[:, :, lo : lo + n].clone(), self.values[:, :, lo : lo + n].clone()
+
+    def place(self, keys: torch.Tensor, values: torch.Tensor, sink_values: torch.Tensor) -> None:
+        """Put a saved window (:meth:`held`) back, right after the sinks, where the timeline (restored
+        in its compacted form: :meth:`~streamingllm.timeline.Timeline.compacted`) expects it, and the
+        sinks' values before it (a ring does not rewrite them; the sinks' keys are rewritten at the
+        next step from the sink store)."""
+        s0 = self.timeline.n_sink
+        self.sink_values.copy_(sink_values)
+        self.values[:, :, :s0].copy_(sink_values[:, :, :s0])
+        self.keys[:, :, s0 : s0 + keys.shape[-2]].copy_(keys)
+        self.values[:, :, s0 : s0 + values.shape[-2]].copy_(values)
+
     def get_seq_length(self) -> int:
         return self.timeline.seen
 

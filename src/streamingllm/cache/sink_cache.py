@@ -10,8 +10,6 @@ decode step is :mod:`.prepared`, batches of streams are :mod:`.rows`, and the ma
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 from transformers.cache_utils import Cache
 
@@ -441,31 +439,34 @@ class SinkCache(Cache):
     # --- saved state -----------------------------------------------------------------------
 
     def _identity(self) -> dict:
-        return {"format": 1, "family": self.family.name, "num_layers": self.num_layers, "sink_size": self.sink_size,
+        return {"family": self.family.name, "num_layers": self.num_layers, "sink_size": self.sink_size,
                 "window_size": self.window_size, "policies": list(self.layer_policies)}
 
     def state_dict(self) -> dict:
         """Everything needed to continue this stream exactly elsewhere (``torch.save`` it): the
-        timeline and every tensor the cache holds. Restore with :meth:`load_state_dict` into a
-        cache built for the same model and sizes."""
+        timelines and the tokens the cache holds -- each layer's window in stream order and its sink
+        values, in the cache's dtype, and the stored sink keys -- not the empty slots of its buffers
+        (about ``2 * layers * kv_heads * head_dim`` elements per held token). Restore with
+        :meth:`load_state_dict` into a cache built for the same model and sizes."""
         self._one_stream("state_dict", "a left-padded batch's cache cannot be saved; save each row's")
-        layers = [(layer.keys, layer.values, layer.sink_values) if layer.is_initialized else None
+        layers = [(*layer.held(), layer.sink_values.clone()) if layer.is_initialized else None
                   for layer in self.layers]
-        sinks = [layer.sinks.stored(layer.index) for layer in self.layers]
-        return {**self._identity(), "timeline": dataclasses.asdict(self.timeline), "layers": layers,
-                "timelines": [dataclasses.asdict(group.timeline) for group in self.groups],
-                "sinks": sinks if self.sinks.allocated else None}
+        sinks = [layer.sinks.stored(layer.index).clone() for layer in self.layers] if self.sinks.allocated else None
+        return {"format": 2, **self._identity(), "layers": layers, "sinks": sinks,
+                "timelines": [group.timeline.compacted() for group in self.groups]}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue the stream a :meth:`state_dict` saved: the next forward gives what it would
         have given in the saved cache. Tensors go to each layer's device (the model's, when the
-        cache was built from a model). Raises ValueError when the state is for another cache."""
+        cache was built from a model). Raises ValueError when the state is for another cache.
+        States of the first format (whole buffers, written before issue 23) load too."""
         mine = self._identity()
         theirs = {k: state.get(k, [GLOBAL] * self.num_layers if k == "policies" else None) for k in mine}
-        if theirs != mine:
-            raise ValueError(f"SinkCache.load_state_dict: the state is for {theirs}, this cache is {mine}")
+        if theirs != mine or state.get("format") not in (1, 2):
+            raise ValueError(f"SinkCache.load_state_dict: the state is for {theirs} (format "
+                             f"{state.get('format')}), this cache is {mine} (formats 1 and 2)")
         self.reset()
-        for group, saved in zip(self.groups, state.get("timelines", [state["timeline"]])):
+        for group, saved in zip(self.groups, state.get("timelines", [state.get("timeline")])):
             group.timeline.restore(saved)  # the sinks are rewritten at the next step
         if state["sinks"] is None:
             return
@@ -474,9 +475,12 @@ class SinkCache(Cache):
         for i, (layer, saved) in enumerate(zip(self.layers, state["layers"])):
             keys, values, sink_values = (t.to(devices[i]) for t in saved)
             layer.lazy_initialization(keys[:, :, :1], values[:, :, :1])
-            layer.keys.copy_(keys)
-            layer.values.copy_(values)
-            layer.sink_values.copy_(sink_values)
+            if state["format"] == 2:
+                layer.place(keys, values, sink_values)
+            else:  # the whole buffer, in the layout its timeline describes
+                layer.keys.copy_(keys)
+                layer.values.copy_(values)
+                layer.sink_values.copy_(sink_values)
             layer.sinks.stored(layer.index).copy_(state["sinks"][i])
 
 

@@ -35,29 +35,30 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 
 DESCRIPTION = """\
 Endless text streams with constant memory for Hugging Face causal LMs (StreamingLLM:
-attention sinks + a rolling window, exact for transformers 5).
-
-commands:
-  generate     continue a prompt, streaming tokens however long the output
-  chat         a multi-turn chat whose memory stays bounded
-  serve        an OpenAI-compatible server with one bounded cache per conversation
-  perplexity   the paper's evaluation: dense, window, recompute and streaming on long text
-  attention    attention maps and attention-sink statistics per layer (the paper's Figure 2)
-  streameval   question answering over an endless stream (the paper's StreamEval)
-  passkey      passkey retrieval against depth and cache size
-  pretrain     train small models with and without attention sinks from scratch (Table 3)
-  bench        speed and memory: latency vs cache size, endless streams"""
+attention sinks + a rolling window, exact for transformers 5)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import attention, bench, chat, generate, passkey, perplexity, pretrain, serve, streameval
 
-    parser = argparse.ArgumentParser(prog="streamingllm", description=DESCRIPTION, formatter_class=HelpFormatter)
+    parser = argparse.ArgumentParser(prog="streamingllm", description=DESCRIPTION,
+                                     formatter_class=lambda prog: HelpFormatter(prog, max_help_position=18))
     parser.add_argument("--version", action="version", version=f"streamingllm {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", title="commands",
+                                help="'streamingllm COMMAND --help' shows its options")
     for module in (generate, chat, serve, perplexity, attention, streameval, passkey, pretrain, bench):
         module.register(sub)
     return parser
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    """The parsed command line. An unknown flag is reported with the usage of the (sub)command it
+    was given to, not the top level's."""
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        getattr(args, "command_parser", parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):
@@ -65,7 +66,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(argv)
     warnings.showwarning = _show_warning
     try:
         return args.run(args)

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from ..checks import ArgumentError, check_int
-from .options import add_cache_options, add_model_options, add_parser, load_model
+from .options import add_cache_options, add_model_options, add_parser, check_trained_length, load_model
 from ..report import pyplot, write_csv
 from ..bench.batch import BATCH_COLUMNS, bench_batch, check_batch_args
 from ..bench.decode import DECODE_COLUMNS, METHODS, bench_decode, check_decode_args
@@ -120,6 +120,8 @@ def run(args) -> int:
     check = {"decode": check_decode_args, "batch": check_batch_args, "stream": check_stream_args}[what]
     a = check(**{k: getattr(args, k) for k in inspect.signature(check).parameters})  # before loading anything
     text = _read_text(args) if what == "stream" else None
+    if what == "stream":
+        check_trained_length(args)
     variants = _variants(args) if what == "decode" else {}
     if what != "batch":
         pyplot()  # the plots' extra, before the run rather than after
@@ -130,6 +132,8 @@ def run(args) -> int:
         raise ArgumentError("out", "must be a folder, not a file", str(out))
     t0 = time.perf_counter()
     model, tokenizer = load_model(args)
+    if what == "stream":
+        check_trained_length(args, model)
     weights = "random weights" if args.random_weights else "trained weights"
     info = machine_info(model, args.device)
     print(f"model {args.model} ({weights}) loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)

@@ -17,12 +17,13 @@ from typing import NamedTuple
 
 from ..checks import ArgumentError
 from ..client import Conversation, ServerError
-from .options import (CommandError, add_cache_options, add_compile_option, add_generation_options, add_model_options,
-                      add_parser, check_chat_model, check_generation_options, load_model, say)
+from .options import (CommandError, add_cache_options, add_generation_options, add_model_options,
+                      add_parser, check_generation_options, check_trained_length, load_model, say)
 
 
 def register(sub) -> None:
-    c = add_parser(sub, "chat", "multi-turn chat; memory stays bounded by the cache however long the conversation")
+    summary = "multi-turn chat; memory stays bounded by the cache however long the conversation"
+    c = add_parser(sub, "chat", summary, f"{summary}.\n\n{_commands_help()}")
     c.add_argument("--system", default=None, help="system prompt")
     c.add_argument("--pin-system", action="store_true",
                    help="keep the whole system prompt as attention sinks: never evicted, however long the chat")
@@ -33,10 +34,12 @@ def register(sub) -> None:
                         "loading a model; the model, cache and --penalty-last-n are then the server's")
     c.add_argument("--api-key", default=os.environ.get("STREAMINGLLM_API_KEY"),
                    help="with --server: the server's API key (default: $STREAMINGLLM_API_KEY)")
-    add_model_options(c)
-    add_compile_option(c)
+    c.add_argument("--session", default=None, metavar="ID",
+                   help="with --server: continue this server session (its id is printed when a chat ends; the "
+                        "server keeps it, across restarts with its --state-dir)")
+    add_model_options(c, compile=True)
     add_cache_options(c)
-    add_generation_options(c)
+    add_generation_options(c, chat=True)
     c.set_defaults(run=run)
 
 
@@ -50,11 +53,14 @@ class Opened(NamedTuple):
 
 def run(args) -> int:
     sampling = check_generation_options(args, min_new_tokens=1)
+    if args.session is not None and args.server is None:
+        raise ArgumentError("session", "needs --server URL (a local chat is continued with /save and /load)",
+                            args.session)
     with (_connect if args.server is not None else _load)(args, sampling) as opened:
         interactive = sys.stdin.isatty()
         if interactive:
             _line_editing()
-        print(f"{opened.banner}. /help for commands, Ctrl-C stops a reply, Ctrl-D quits.", file=sys.stderr)
+        print(f"{opened.banner}. /help for commands, Ctrl-C stops a reply, Ctrl-D or /quit quits.", file=sys.stderr)
         return _loop(opened.conversation, opened.cache_name, interactive)
 
 
@@ -64,8 +70,9 @@ def _load(args, sampling) -> Iterator[Opened]:
     from ..compiled import DecodeStep
     from ..session import Session
 
-    model, tokenizer = load_model(args)
-    check_chat_model(tokenizer, args.model)
+    check_trained_length(args)
+    model, tokenizer = load_model(args, chat=True)  # a model without a chat template is refused before its weights
+    check_trained_length(args, model)
     session = Session(model, tokenizer, args.sink_size, args.window_size, system=args.system, sampling=sampling,
                       max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
                       min_new_tokens=args.min_new_tokens, stop=args.stop, pin_system=args.pin_system,
@@ -78,39 +85,64 @@ def _load(args, sampling) -> Iterator[Opened]:
 
 @contextmanager
 def _connect(args, sampling) -> Iterator[Opened]:
-    """A conversation held by the running ``streamingllm serve`` at ``--server``: no model is loaded
-    here. Its server session is deleted when the chat ends."""
+    """A conversation held by the running ``streamingllm serve`` at ``--server`` (a new server
+    session, or ``--session``'s): no model is loaded here. The server session is kept when the
+    chat ends, and its id printed, so that ``--session`` continues it."""
     from ..client import RemoteSession, server_url
 
     try:
         server_url(args.server)
     except ArgumentError as err:  # the library names its parameter, url; here it is --server
         raise ArgumentError("server", err.requirement, args.server) from None
-    with RemoteSession(args.server, args.api_key, system=args.system, pin_system=args.pin_system, sampling=sampling,
-                       max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
-                       stop=args.stop) as remote:
-        pinned = ", system prompt pinned" if args.pin_system and args.system else ""
+    if args.session is not None and args.system is not None:
+        raise ArgumentError("system", "cannot be combined with --session: the session keeps its own system prompt")
+    remote = RemoteSession(args.server, args.api_key, system=args.system, pin_system=args.pin_system,
+                           sampling=sampling, max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
+                           stop=args.stop, session_id=args.session)
+    remote.keep()
+    pinned = ", system prompt pinned" if remote.pin_system and remote.system else ""
+    turns = sum(m.get("role") == "user" for m in remote.messages)
+    continued = (f", continuing session {remote.session_id} ({turns} turn{'s' * (turns != 1)} so far)"
+                 if args.session else "")
+    try:
         yield Opened(remote, f"streamingllm chat: {remote.model} at {remote.url}, cache {remote.sink_size}+"
-                             f"{remote.window_size} tokens per session{pinned}", "server cache")
+                             f"{remote.window_size} tokens per session{pinned}{continued}", "server cache")
+    finally:
+        sid = remote.session_id
+        remote.close()
+        print(f"[server session {sid} kept; continue it with --server {remote.url} --session {sid}]",
+              file=sys.stderr, flush=True)
+
+
+def _read_line(interactive: bool) -> str | None:
+    """The next input line, or None at the end of input (Ctrl-D, or the end of a pipe). An empty
+    line is ``""``: only the end of input ends the chat, never an empty line."""
+    if not interactive:
+        line = sys.stdin.readline()
+        return line if line else None
+    try:
+        return input("you> ")
+    except EOFError:
+        print(file=sys.stderr)
+        return None
 
 
 def _loop(chat: Conversation, cache_name: str, interactive: bool) -> int:
-    """Read lines until the end of input: /commands, or a user message whose reply is printed."""
+    """Read lines until the end of input or /quit: /commands, or a user message whose reply is
+    printed. Empty lines are skipped."""
     while True:
         try:
-            line = input("you> ") if interactive else sys.stdin.readline()
-        except EOFError:
-            line = ""
+            line = _read_line(interactive)
         except KeyboardInterrupt:  # at the prompt: a fresh line, as shells do
             print(file=sys.stderr)
             continue
-        if not line:
-            if interactive:
-                print(file=sys.stderr)
+        if line is None:
             return 0
         line = line.strip()
         if not line:
             continue
+        if line.split()[0] in QUIT:
+            return 0
         if line.startswith("/"):
             _command(chat, cache_name, line)
             continue
@@ -164,7 +196,15 @@ COMMANDS = {
     "/load FILE": "continue a conversation saved with /save (same model and cache sizes)",
     "/stats": "cache fill, tokens seen, turns",
     "/help": "this list",
+    "/quit": "end the chat (also /exit, or Ctrl-D)",
 }
+QUIT = ("/quit", "/exit")
+
+
+def _commands_help() -> str:
+    """The chat's commands as ``chat --help`` and ``/help`` list them."""
+    lines = [f"  {usage:<11} {what}" for usage, what in COMMANDS.items()]
+    return "\n".join(["commands in the chat (Ctrl-C stops a reply; an empty line does nothing):", *lines])
 
 
 def _command(chat: Conversation, cache_name: str, line: str) -> None:
@@ -186,8 +226,7 @@ def _command(chat: Conversation, cache_name: str, line: str) -> None:
         elif name == "/stats":
             print(_stats(chat, cache_name, refresh=True), file=sys.stderr)
         elif name == "/help":
-            for usage, what in COMMANDS.items():
-                print(f"  {usage:<11} {what}", file=sys.stderr)
+            print(_commands_help(), file=sys.stderr)
         else:
             raise CommandError(f"unknown command {name}; one of {', '.join(c.split()[0] for c in COMMANDS)}")
     # What the commands document: a file that cannot be written or read (OSError), one that holds

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 from pathlib import Path
 
 from ..checks import ArgumentError
-from .options import (CommandError, add_cache_options, add_compile_option, add_generation_options, add_model_options,
-                      add_parser, check_generation_options, load_model, say)
+from .options import (CommandError, add_cache_options, add_generation_options, add_model_options,
+                      add_parser, check_generation_options, check_trained_length, load_model, say)
 
 STATS_EVERY = 256  # tokens between --stats lines
 
@@ -16,28 +17,29 @@ STATS_EVERY = 256  # tokens between --stats lines
 def register(sub) -> None:
     g = add_parser(sub, "generate", "continue a prompt, streaming tokens to stdout however long the output")
     g.add_argument("prompt", nargs="?", help="the prompt text; '-' or omitted reads stdin")
-    g.add_argument("--prompt-file", type=Path, help="read the prompt from this file")
+    g.add_argument("--text-file", type=Path, metavar="FILE", help="read the prompt from this file")
+    g.add_argument("--prompt-file", type=Path, dest="text_file", help=argparse.SUPPRESS)  # the old name
     g.add_argument("--chat-template", action="store_true", help="wrap the prompt as one user turn of the chat template")
-    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens (with --chat-template)")
+    g.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-turn tokens (with --chat-template; the model then "
+                   "writes turns of its own: --min-new-tokens suppresses the end of turn instead)")
     g.add_argument("--fast-prefill", action="store_true", help="plain causal mask inside prompt chunks (approximate)")
     g.add_argument("--stats", action="store_true",
                    help=f"print prefill and decode speed, cache fill and resident memory to stderr every {STATS_EVERY} tokens")
-    add_model_options(g)
-    add_compile_option(g)
+    add_model_options(g, compile=True)
     add_cache_options(g)
     add_generation_options(g)
     g.set_defaults(run=run)
 
 
-def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
-    """The prompt from the argument, the file, or stdin (said on a terminal, where it would wait)."""
-    if prompt_file is not None:
+def read_prompt(prompt: str | None, text_file: Path | None) -> str:
+    """The prompt from the argument, the file ``--text-file``, or stdin (said on a terminal, where it would wait)."""
+    if text_file is not None:
         if prompt is not None:
-            raise ArgumentError("prompt_file", "cannot be combined with a prompt argument: give one of them")
+            raise ArgumentError("text_file", "cannot be combined with a prompt argument: give one of them")
         try:
-            text = prompt_file.read_text(encoding="utf-8")
+            text = text_file.read_text(encoding="utf-8")
         except OSError as err:
-            raise ArgumentError("prompt_file", f"cannot read {prompt_file}: {err.strerror}") from err
+            raise ArgumentError("text_file", f"cannot read {text_file}: {err.strerror}") from err
     elif prompt is None or prompt == "-":
         if sys.stdin.isatty():
             print("streamingllm: reading the prompt from stdin; end it with Ctrl-D (or give it as an argument)",
@@ -46,7 +48,7 @@ def read_prompt(prompt: str | None, prompt_file: Path | None) -> str:
     else:
         text = prompt
     if not text.strip():
-        raise CommandError("the prompt is empty: give some text (argument, --prompt-file or stdin)")
+        raise CommandError("the prompt is empty: give some text (argument, --text-file or stdin)")
     return text
 
 
@@ -59,8 +61,10 @@ def run(args) -> int:
     from ..session import TextDecoder, stop_token_ids
 
     sampling = check_generation_options(args)  # every flag is checked before the model is loaded
-    text = read_prompt(args.prompt, args.prompt_file)
+    text = read_prompt(args.prompt, args.text_file)
+    check_trained_length(args)
     model, tokenizer = load_model(args)
+    check_trained_length(args, model)
     cache = SinkCache(model, sink_size=args.sink_size, window_size=args.window_size)
     if args.chat_template:
         if not getattr(tokenizer, "chat_template", None):

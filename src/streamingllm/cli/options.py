@@ -28,23 +28,30 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 
 def add_parser(sub, name: str, help: str, description: str | None = None) -> argparse.ArgumentParser:
-    """A subcommand parser with the shared help formatter."""
-    return sub.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    """A subcommand parser with the shared help formatter; ``help`` is its line in the parent's
+    list of commands (and its description, when none is given)."""
+    p = sub.add_parser(name, help=help, description=description or help, formatter_class=HelpFormatter)
+    p.set_defaults(command_parser=p)  # where an unknown flag is reported (the innermost command's)
+    return p
 
 
-def add_model_options(p: argparse.ArgumentParser, random_weights: bool = False) -> None:
-    """``--model``, ``--dtype``, ``--device``, ``--quantize`` (and ``--random-weights``, ``--seed`` when asked)."""
+def add_model_options(p: argparse.ArgumentParser, random_weights: bool = False, compile: bool = False) -> None:
+    """``--model``, ``--dtype``, ``--device``, ``--quantize`` (and ``--random-weights``, ``--seed`` when
+    asked; ``--compile`` with ``compile``: :func:`add_compile_option`)."""
     p.add_argument("--model", default=DEFAULT_MODEL,
                    help=f"a named model ({', '.join(NAMED_MODELS)}; the first is the default), a transformers "
                         "folder, a .gguf file or a hub id")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="weights and activations")
     p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps, ...")
     p.add_argument("--quantize", default="none", choices=list(QUANTIZE),
-                   help="CPU: int8 weight-only linears (with --dtype bfloat16 and --compile on: the fastest)")
+                   help="CPU: int8 weight-only linears (with --dtype bfloat16" + (" and --compile on" if compile else "")
+                        + ": the fastest)")
     if random_weights:
         p.add_argument("--random-weights", action="store_true",
                        help="the model's architecture with random weights (no tokenizer, no gguf needed)")
         p.add_argument("--seed", type=int, default=0, help="seed of the random weights and token ids")
+    if compile:
+        add_compile_option(p)
 
 
 def add_compile_option(p: argparse.ArgumentParser) -> None:
@@ -61,13 +68,17 @@ def say(line: str) -> None:
     print(f"streamingllm: {line}", file=sys.stderr, flush=True)
 
 
-def load_model(args, dtype: str | None = None, quantize: str | None = None):
+def load_model(args, dtype: str | None = None, quantize: str | None = None, chat: bool = False):
     """``(model, tokenizer)`` from the options of :func:`add_model_options` (``dtype`` and
-    ``quantize``, when given, instead of ``--dtype`` and ``--quantize``)."""
+    ``quantize``, when given, instead of ``--dtype`` and ``--quantize``). With ``chat``, a model
+    without a chat template is refused from its tokenizer, before its weights are loaded
+    (:func:`check_chat_model`). Slow first-use work (assembling a named model) is announced."""
     from ..models import load
 
+    check = (lambda tokenizer: check_chat_model(tokenizer, args.model)) if chat else None
     return load(args.model, dtype=dtype or args.dtype, device=args.device, quantize=quantize or args.quantize,
-                random_weights=getattr(args, "random_weights", False), seed=getattr(args, "seed", 0) or 0)
+                random_weights=getattr(args, "random_weights", False), seed=getattr(args, "seed", 0) or 0,
+                check_tokenizer=check, announce=say)
 
 
 def check_chat_model(tokenizer, model: str) -> None:
@@ -76,6 +87,33 @@ def check_chat_model(tokenizer, model: str) -> None:
 
     if not getattr(tokenizer, "chat_template", None):
         raise ArgumentError("model", "must be a chat (instruct) model: its tokenizer has no chat template", model)
+
+
+def check_trained_length(args, model=None) -> None:
+    """Refuse ``--sink-size`` + ``--window-size`` at or past the model's trained length (the next
+    token would sit at an untrained position, and the cache would allocate for nothing), unless
+    ``--beyond-trained-length``. Without ``model``, only a named model is checked (its
+    architecture is known before loading); with it, any model (before its cache allocates)."""
+    from types import SimpleNamespace
+
+    from ..checks import ArgumentError
+    from ..families import past_trained_length
+    from ..models import ARCHITECTURES
+
+    if getattr(args, "beyond_trained_length", False):
+        return
+    if model is not None:
+        config = model.config
+    elif args.model in ARCHITECTURES:
+        config = SimpleNamespace(**ARCHITECTURES[args.model])
+    else:
+        return
+    total = args.sink_size + args.window_size
+    trained = past_trained_length(config, total)
+    if trained is not None:
+        raise ArgumentError("window_size", f"with --sink-size {args.sink_size} must keep the cache below the model's "
+                            f"trained length of {trained} tokens (--window-size at most {trained - 1 - args.sink_size}"
+                            "; --beyond-trained-length allows more, at untrained positions)", args.window_size)
 
 
 def model_label(model: str) -> str:
@@ -88,26 +126,43 @@ def model_label(model: str) -> str:
 
 
 def add_cache_options(p: argparse.ArgumentParser) -> None:
-    """``--sink-size`` and ``--window-size`` of one streaming cache."""
+    """``--sink-size`` and ``--window-size`` of one streaming cache, and ``--beyond-trained-length``."""
     p.add_argument("--sink-size", type=int, default=4, help="attention-sink tokens kept (0 = plain window attention)")
-    p.add_argument("--window-size", type=int, default=1020, help="most recent tokens kept")
+    p.add_argument("--window-size", type=int, default=1020,
+                   help="most recent tokens kept; the cache stays below the model's trained length")
+    p.add_argument("--beyond-trained-length", action="store_true",
+                   help="allow a cache at or past the model's trained length (positions it never saw: expect "
+                        "quality to collapse)")
 
 
-def add_generation_options(p: argparse.ArgumentParser) -> None:
-    """Sampling, length and prompt-feeding options of ``generate`` and ``chat``."""
-    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate (per reply in chat)")
+#: The command line's repetition penalties: the default model (SmolLM2-135M) loops without one,
+#: greedy or sampled, within a few hundred tokens; 1.1 keeps a long generation going and on topic.
+#: In chat, where the penalty also sees the user's question, 1.1 makes it repeat its previous
+#: answer instead ("And of Italy?" after France: Paris again); 1.05 answers both. The library's
+#: :class:`~streamingllm.sampling.Sampling` stays neutral (1.0).
+REPETITION_PENALTY = 1.1
+CHAT_REPETITION_PENALTY = 1.05
+
+
+def add_generation_options(p: argparse.ArgumentParser, chat: bool = False) -> None:
+    """Sampling, length and prompt-feeding options of ``generate`` and (with ``chat``) ``chat``."""
+    p.add_argument("--max-new-tokens", type=int, default=256,
+                   help="most tokens per reply" if chat else "tokens to generate")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="divide positive / multiply negative logits of recent tokens (1 = off, > 1 discourages repeats)")
+    p.add_argument("--repetition-penalty", type=float,
+                   default=CHAT_REPETITION_PENALTY if chat else REPETITION_PENALTY,
+                   help="divide positive / multiply negative logits of recent tokens (1 = off, > 1 discourages "
+                        "repeats; small models loop without it)")
     p.add_argument("--presence-penalty", type=float, default=0.0, help="subtract from logits of recent tokens, in [-2, 2]")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="subtract per occurrence among recent tokens, in [-2, 2]")
     p.add_argument("--penalty-last-n", type=int, default=64, help="recent tokens the penalties look at")
     p.add_argument("--min-new-tokens", type=int, default=0,
-                   help="suppress the end-of-turn tokens for this many tokens (instead of --ignore-eos)")
+                   help="suppress the end-of-turn tokens for this many tokens" + ("" if chat else
+                        " (a long story stays one reply; better than --ignore-eos)"))
     p.add_argument("--chunk-size", type=int, default=256, help="prompt tokens per forward pass")
 
 

@@ -6,6 +6,7 @@ command line's ``main`` shows a bad value as one line naming its flag.
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -39,7 +40,9 @@ def register(sub) -> None:
     p = add_parser(sub, "perplexity", "per-token perplexity of dense, window, recompute and streaming attention on "
                    "long text", DESCRIPTION)
     src = p.add_argument_group("text (exactly one source)")
-    src.add_argument("files", nargs="*", help="text files, concatenated in order ('-' = stdin)")
+    src.add_argument("--text-file", nargs="+", action="extend", default=[], metavar="FILE",
+                     help="text files, concatenated in order ('-' = stdin)")
+    src.add_argument("files", nargs="*", help=argparse.SUPPRESS)  # the old spelling: files as positional arguments
     src.add_argument("--corpus", choices=CORPORA, metavar="CORPUS",
                      help="built-in corpus: austen (Jane Austen's six novels, fetched once from Debian) or "
                      "austen:NOVEL for one of them (e.g. austen:persuasion)")
@@ -80,7 +83,7 @@ def _progress_bar(setting, total):
 
 def run(args) -> int:
     """Check every option, read the text, load the model, score, print the summary, write the files."""
-    source = TextSource(args.files, args.corpus, args.dataset, args.dataset_split, args.dataset_field)
+    source = TextSource(args.text_file + args.files, args.corpus, args.dataset, args.dataset_split, args.dataset_field)
     offset, num_tokens = check_window(args.offset, args.num_tokens)
     check_options(chunk_size=args.chunk_size, recompute_every=args.recompute_every,
                   max_dense_tokens=args.max_dense_tokens, segment_tokens=args.segment_tokens, smooth=args.smooth,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .options import add_cache_options, add_compile_option, add_model_options, add_parser
+from .options import add_cache_options, add_model_options, add_parser
 
 DESCRIPTION = """\
 An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models), streamed
@@ -21,22 +21,54 @@ def register(sub) -> None:
     s.add_argument("--served-model-name", default=None, help="the model id clients use (default: --model)")
     s.add_argument("--api-key", default=os.environ.get("STREAMINGLLM_API_KEY"),
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $STREAMINGLLM_API_KEY)")
+    s.add_argument("--allowed-hosts", default=None, metavar="NAMES",
+                   help="comma-separated names the Host header may give; others get 400, so DNS rebinding "
+                        "cannot reach the server ('*': any, '*.example.org': its subdomains; default: --host, "
+                        "localhost, 127.0.0.1, ::1)")
     s.add_argument("--state-dir", default=None,
                    help="save every session here after each turn; evicted and restarted sessions come back exactly")
     s.add_argument("--max-sessions", type=int, default=64, help="sessions held in memory (LRU eviction beyond)")
-    s.add_argument("--max-cache-mib", type=float, default=None, help="MiB of cache in memory, all sessions together")
+    s.add_argument("--max-sessions-known", type=int, default=1024,
+                   help="sessions that may exist at once, in memory or saved (POST /v1/sessions gets 429 beyond)")
+    s.add_argument("--session-ttl", type=float, default=86400.0,
+                   help="seconds a session may stay idle before it expires, in memory and on disk (0: never)")
+    s.add_argument("--max-cache-mib", type=float, default=None,
+                   help="MiB of cache in memory, all sessions together (default: no limit beyond --max-sessions)")
     s.add_argument("--max-batch", type=int, default=8, help="requests generating at once, batched per step")
     s.add_argument("--max-queue", type=int, default=64, help="requests waiting beyond --max-batch before 503")
     s.add_argument("--max-prompt-tokens", type=int, default=65536, help="tokens one request may add (413 beyond)")
     s.add_argument("--max-tokens", type=int, default=512, help="reply limit when a request gives none")
+    s.add_argument("--max-tokens-limit", type=int, default=4096,
+                   help="the most a request may ask for as max_tokens, max_completion_tokens or min_tokens (400 beyond)")
+    d = s.add_argument_group(
+        "sampling defaults", "what a request gets for each setting it leaves unset (one it sets is used exactly). "
+        "Default: the model's generation_config when it recommends sampling, else llama.cpp's server's: "
+        "temperature 0.8, top-k 40, top-p 0.95, min-p 0.05, repetition penalty 1.1 over the last 64 tokens. "
+        "GET /health shows them")
+    d.add_argument("--temperature", type=float, default=None, help="0 = greedy")
+    d.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens (0 = all)")
+    d.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, in (0, 1]")
+    d.add_argument("--min-p", type=float, default=None,
+                   help="keep tokens at least this many times as likely as the most likely one, in [0, 1]")
+    d.add_argument("--repetition-penalty", type=float, default=None, help="1 = off, > 1 discourages repeats")
+    d.add_argument("--penalty-last-n", type=int, default=64,
+                   help="recent tokens the penalties look at (every request)")
     s.add_argument("--max-body-mib", type=float, default=8.0, help="larger request bodies are refused (413)")
     s.add_argument("--chunk-size", type=int, default=256, help="prompt tokens per forward pass")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
-    add_model_options(s)
-    add_compile_option(s)
+    add_model_options(s, compile=True)
     add_cache_options(s)
     s.set_defaults(run=run)
+
+
+def allowed_hosts(names: str | None, host: str) -> tuple[str, ...]:
+    """``--allowed-hosts`` as a tuple; by default the bind address ``host`` and the loopback names."""
+    from ..serve.server import LOOPBACK_NAMES
+
+    if names is None:
+        return tuple(dict.fromkeys((host.strip("[]").lower(), *LOOPBACK_NAMES)))
+    return tuple(n.strip().lower() for n in names.split(","))
 
 
 def run(args) -> int:
@@ -47,18 +79,27 @@ def run(args) -> int:
     settings = ServerSettings(sink_size=args.sink_size, window_size=args.window_size, chunk_size=args.chunk_size,
                               max_batch=args.max_batch, max_queue=args.max_queue, max_sessions=args.max_sessions,
                               max_cache_mib=args.max_cache_mib, state_dir=args.state_dir,
+                              session_ttl=args.session_ttl, max_sessions_known=args.max_sessions_known,
                               max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                              max_body_mib=args.max_body_mib, api_key=args.api_key, compile=args.compile).check()
+                              max_tokens_limit=args.max_tokens_limit, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+                              penalty_last_n=args.penalty_last_n,
+                              max_body_mib=args.max_body_mib, api_key=args.api_key,
+                              allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), compile=args.compile).check()
     check_int("port", args.port, 0, 65535)
     uvicorn = require("uvicorn", "the server")
-    from .options import check_chat_model, load_model
+    from .options import check_trained_length, load_model
 
-    model, tokenizer = load_model(args)
-    check_chat_model(tokenizer, args.model)
+    check_trained_length(args)
+    model, tokenizer = load_model(args, chat=True)  # a model without a chat template is refused before its weights
+    check_trained_length(args, model)
     name = args.served_model_name or args.model
     app, engine = build_app(model, tokenizer, name, settings)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         print(f"streamingllm: warning: serving on {args.host} without --api-key", file=sys.stderr)
+    if args.host in ("0.0.0.0", "::") and args.allowed_hosts is None:
+        print(f"streamingllm: warning: only requests naming {', '.join(settings.allowed_hosts)} in their Host header "
+              "are served; give the names clients use with --allowed-hosts", file=sys.stderr)
     print(f"streamingllm serve: {name} on http://{args.host}:{args.port}/ (chat page), OpenAI API at /v1, "
           f"cache {settings.sink_size}+{settings.window_size} tokens per session", file=sys.stderr, flush=True)
     try:

@@ -79,12 +79,13 @@ class SinkStats:
         k: how many first tokens count as the sinks.
         sink_share: (layers,) mean attention mass on the first ``k`` tokens, over heads and the
             queries at positions >= ``k`` (those that could attend elsewhere).
-        first_share: (layers,) mean mass on the first token, over heads and queries >= 1.
+        first_share: (layers,) mean mass on the first token, over heads and the same queries
+            (>= ``k``), so it never exceeds ``sink_share``.
         uniform_first: what uniform causal attention gives the first token over the same queries
             (mean of 1 / (q + 1)): the baseline a sink stands out from.
         tokens: the text's length (tokens).
         softmax_sink_share: (layers,) mean mass the softmax's own sink took (what the rows miss of
-            1), over heads and queries >= 1: zero for a plain softmax, the "attend to nothing" share
+            1), over heads and the same queries: zero for a plain softmax, the "attend to nothing" share
             of SoftMax1 and learned sink logits (:mod:`streamingllm.sink_llama`).
         layer_types: each layer's attention type (``config.layer_types``: ``"full_attention"`` or
             ``"sliding_attention"``) for hybrid models, else None. A sliding layer sees the first
@@ -126,8 +127,9 @@ def sink_statistics(attentions: list[torch.Tensor], k: int = 4, label: str = "",
     ``layer_types``: each layer's attention type, when the model has several (:func:`layer_types`)."""
     T = attentions[0].shape[-1]
     k = check_int("k", k, 1, T - 1)
+    # one set of queries for every number: those at positions >= k, which could attend past the first k
     sink = np.array([float(a[:, k:, :k].sum(-1).mean()) for a in attentions])
-    first = np.array([float(a[:, 1:, 0].mean()) for a in attentions])
-    uniform = float(np.mean(1.0 / np.arange(2, T + 1)))
-    virtual = np.array([float(1.0 - a[:, 1:, :].sum(-1).mean()) for a in attentions]).clip(min=0.0)
+    first = np.array([float(a[:, k:, 0].mean()) for a in attentions])
+    uniform = float(np.mean(1.0 / np.arange(k + 1, T + 1)))
+    virtual = np.array([float(1.0 - a[:, k:, :].sum(-1).mean()) for a in attentions]).clip(min=0.0)
     return SinkStats(label, k, sink, first, uniform, T, virtual, None if layer_types is None else tuple(layer_types))

@@ -19,7 +19,8 @@ from .streameval import StreamEvalResult
 def plot_maps(maps: np.ndarray, tokens: Sequence[str], path, layers: Sequence[int] | None = None,
               title: str = "", panel: str = "layer") -> Path:
     """The paper's Figure 2: one panel per layer of head-averaged attention (rows: queries, columns:
-    keys); ``panel`` names what the panels are (``"head"`` for one layer's heads)."""
+    keys), each with a colour bar of its own scale (attention weight, 0 to the panel's largest);
+    ``panel`` names what the panels are (``"head"`` for one layer's heads)."""
     plt = pyplot()
     layers = list(range(len(maps))) if layers is None else list(layers)
     cols = min(4, len(layers))
@@ -30,7 +31,9 @@ def plot_maps(maps: np.ndarray, tokens: Sequence[str], path, layers: Sequence[in
     n = len(tokens)
     for ax, layer in zip(axes.flat, layers):
         m = np.where(np.tril(np.ones((n, n), dtype=bool)), maps[layer][:n, :n], np.nan)
-        ax.imshow(m, cmap="viridis", vmin=0.0, vmax=float(np.nanmax(m)) or 1.0)
+        image = ax.imshow(m, cmap="viridis", vmin=0.0, vmax=float(np.nanmax(m)) or 1.0)
+        bar = fig.colorbar(image, ax=ax, fraction=0.046, pad=0.03)
+        bar.ax.tick_params(labelsize=5)
         ax.set_title(f"{panel} {layer}", fontsize=8)
         ax.set_xticks(range(n))
         ax.set_xticklabels(tokens, rotation=90, fontsize=5)
@@ -63,9 +66,10 @@ def write_sink_csv(stats: Sequence[SinkStats], path) -> Path:
 
 def sink_table(stats: Sequence[SinkStats]) -> str:
     """Per layer and model: the share on the first k tokens / on the first token, and, for models
-    whose softmax has a sink of its own, the share it took (a third number)."""
+    whose softmax has a sink of its own, the share it took (a third number); all over the queries
+    at positions >= k, as the header says."""
     header = ["layer"] + [f"{s.label}: first {s.k} / first 1" + (" / softmax sink" if _has_softmax_sink(s) else "")
-                          for s in stats]
+                          + f" (queries >= {s.k})" for s in stats]
     typed = any(s.layer_types for s in stats)
     layers = max(len(s.sink_share) for s in stats)
 

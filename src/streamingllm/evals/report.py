@@ -29,19 +29,43 @@ def ordinal(n: int) -> str:
     return f"{n}{suffix}"
 
 
+#: Fewer scored tokens than this in a segment make a subsampled run's per-segment perplexity too
+#: noisy to read: the table marks it with ``*``.
+FEW_SEGMENT_TOKENS = 100
+
+
 def format_summary(summary: Summary) -> str:
     """The summary as an aligned text table (perplexities; higher is worse), with a note on the
-    ``@recompute`` column when recompute was subsampled."""
+    ``@recompute`` column when recompute was subsampled, and ``*`` on its per-segment cells that
+    rest on fewer than :data:`FEW_SEGMENT_TOKENS` scored tokens."""
     if not summary.rows:
         return "(no results)"
     cols = list(summary.rows[0])
     cells = [[f"{row[c]:,}" if c == "scored" else format_value(row[c], 2) for c in cols] for row in summary.rows]
+    few = _few_tokens_per_segment(summary)
+    for row, line in zip(summary.rows, cells):
+        if few and summary.subsampled is not None and row["label"] == summary.subsampled.setting.label:
+            for name in few:
+                line[cols.index(name)] += "*"
     out = format_table(cols, cells)
+    if few:
+        counts = sorted(few.values())
+        out += (f"\n* {summary.subsampled.setting.label}: {counts[0]}-{counts[-1]} scored tokens per segment, too few "
+                "for a per-segment perplexity (compare its overall ppl and '@recompute')")
     if summary.subsampled is not None:
         s = summary.subsampled
         out += (f"\nnote: {s.setting.label} scored every {ordinal(s.every)} token only ({len(s.nll):,} tokens); "
                 "'@recompute' gives every method's perplexity on exactly those tokens")
     return out
+
+
+def _few_tokens_per_segment(summary: Summary) -> dict[str, int]:
+    """``{column: scored tokens}`` of the segments where the subsampled run scored too few tokens."""
+    s = summary.subsampled
+    if s is None:
+        return {}
+    counts = {f"{lo}-{hi}": int(((s.tokens >= lo) & (s.tokens < hi)).sum()) for lo, hi in summary.segments}
+    return {name: n for name, n in counts.items() if n < FEW_SEGMENT_TOKENS}
 
 
 def write_summary_csv(summary: Summary, path: str | Path) -> Path:
@@ -154,6 +178,8 @@ def plot_curves(
         n = smoothing_points(r, smooth)
         curve = _moving_mean(r.nll, n)
         style = dict(marker=".", ms=3, lw=1) if r.every > 1 else dict(lw=1.2)
+        if r.setting.method == "dense":  # dashed and on top: where streaming equals it, both stay visible
+            style.update(ls="--", zorder=3)
         ax.plot(r.tokens, curve, label=label, **style)
         settled.append(curve[n:])
     settled = [x for x in settled if len(x)]

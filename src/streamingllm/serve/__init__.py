@@ -12,8 +12,11 @@
   :mod:`streamingllm.text`).
 * :mod:`.serving`: ``OpenAIServing``: a request becomes a job, its events OpenAI's responses,
   whole or as server-sent events.
-* :mod:`.app`: the FastAPI application: the guard, error handlers, metrics, the chat page, and
-  routes of a few lines that call ``OpenAIServing``.
+* :mod:`.guard`: the checks before any route, as a pure ASGI middleware: the ``Host`` header, the
+  API key, the body size as it streams in, security headers, and 500s that name an id.
+* :mod:`.logs`: internal errors logged under an id; session ids redacted from every log.
+* :mod:`.app`: the FastAPI application: error handlers, metrics, the chat page (with its
+  Content-Security-Policy), and routes of a few lines that call ``OpenAIServing``.
 
 It needs the ``serve`` extra (FastAPI, uvicorn, prometheus_client). The core never imports it.
 """

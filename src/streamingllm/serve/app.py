@@ -4,12 +4,18 @@ Each route takes the :class:`~.serving.OpenAIServing` from ``app.state.serving``
 the serving object turns a request into an engine job and the job's events into OpenAI's
 responses (one JSON body, or server-sent events ending with ``data: [DONE]``). This module
 builds the application: the body-size and API-key guard, the error handlers (every error is
-OpenAI's JSON error object with a fitting status code) and the routes.
+OpenAI's JSON error object with a fitting status code) and the routes. The checks that come
+before any route (Host, API key, body size, 500s that name an id) are :class:`~.guard.Guard`'s.
+There is no ``/docs`` page (it would load scripts from a CDN); ``/openapi.json`` describes the API.
 """
 
 from __future__ import annotations
 
-import secrets
+import base64
+import hashlib
+import re
+from collections.abc import Iterable
+from functools import cache
 from importlib import resources
 
 from fastapi import APIRouter, FastAPI, Request
@@ -19,8 +25,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import __version__
 from .engine import Engine
+from .guard import Guard
+from .logs import install_redaction
 from .metrics import Metrics
-from .protocol import ChatCompletionRequest, CompletionRequest, SessionRequest, error_body
+from .protocol import ChatCompletionRequest, CompletionRequest, RequestDefaults, SessionRequest, error_body
 from .serving import DISCONNECT_CHECK_S, ERROR_TYPES, APIError, ClientGone, OpenAIServing  # noqa: F401 (re-exported)
 from .sessions import SessionStore
 
@@ -32,32 +40,28 @@ def error_response(status: int, message: str, type_: str | None = None, param: s
 
 
 def create_app(engine: Engine, store: SessionStore, model_name: str, *, api_key: str | None = None,
-               max_body_bytes: int = 8 << 20, retry_after: int = 2) -> FastAPI:
+               max_body_bytes: int = 8 << 20, retry_after: int = 2,
+               allowed_hosts: Iterable[str] | None = None, defaults: RequestDefaults | None = None) -> FastAPI:
     """The application serving ``engine`` (already started) as ``model_name``.
 
     Args:
         api_key: when given, ``/v1/*`` requires ``Authorization: Bearer <api_key>``.
-        max_body_bytes: request bodies larger than this are refused (413).
+        max_body_bytes: request bodies larger than this are refused (413; bytes), counted as they arrive.
         retry_after: seconds a client is told to wait when the server is overloaded (503).
+        allowed_hosts: the names the ``Host`` header may give (``*`` any, ``*.example.org``
+            subdomains); None takes any (400 otherwise).
+        defaults: what requests get for the sampling fields they leave unset, and their
+            ``max_tokens`` limit (None: :class:`~.serving.OpenAIServing`'s).
     """
-    app = FastAPI(title="streamingllm", version=__version__, docs_url="/docs", redoc_url=None)
+    install_redaction()
+    app = FastAPI(title="streamingllm", version=__version__, docs_url=None, redoc_url=None)
     app.state.engine, app.state.store, app.state.model_name = engine, store, model_name
-    app.state.serving = OpenAIServing(engine, store, model_name, retry_after)
+    app.state.serving = OpenAIServing(engine, store, model_name, retry_after, defaults)
     app.state.metrics = metrics = Metrics(lambda: {**store.counts(), **engine.load})
     engine.metrics = metrics
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            metrics.error(413)
-            return error_response(413, f"the request body has {size} bytes; this server takes at most {max_body_bytes}")
-        if api_key is not None and request.url.path.startswith("/v1/"):
-            given = request.headers.get("authorization", "")
-            if not secrets.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
-                metrics.error(401)
-                return error_response(401, "a valid API key is required: Authorization: Bearer <key>")
-        return await call_next(request)
+    app.add_middleware(Guard, error_response=error_response, on_error=metrics.error, max_body_bytes=max_body_bytes,
+                       api_key=api_key, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError):
@@ -73,11 +77,6 @@ def create_app(engine: Engine, store: SessionStore, model_name: str, *, api_key:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail))
-
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception):
-        metrics.error(500)
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}")
 
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError):
@@ -95,9 +94,25 @@ def _serving(request: Request) -> OpenAIServing:
     return request.app.state.serving
 
 
+@cache
+def chat_page() -> tuple[str, str]:
+    """The chat page's HTML, and its Content-Security-Policy: its own inline script and style (by
+    their SHA-256), requests to this server only, no frames, no plugins."""
+    html = resources.files(__package__).joinpath("static/index.html").read_text()
+
+    def hashes(tag: str) -> str:
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(m.encode()).digest()).decode()}'"
+                        for m in re.findall(rf"<{tag}>(.*?)</{tag}>", html, re.S))
+
+    csp = (f"default-src 'none'; script-src {hashes('script')}; style-src {hashes('style')}; connect-src 'self'; "
+           "img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+    return html, csp
+
+
 @router.get("/", include_in_schema=False)
 async def page():
-    return HTMLResponse(resources.files(__package__).joinpath("static/index.html").read_text())
+    html, csp = chat_page()
+    return HTMLResponse(html, headers={"Content-Security-Policy": csp})
 
 
 @router.get("/health")

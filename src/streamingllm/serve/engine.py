@@ -3,7 +3,9 @@
 Each loop iteration (fair to every client):
 
 1. admits waiting requests, up to ``max_batch`` running at once (the rest wait in a bounded
-   queue; past it, requests are refused with 503 and ``Retry-After``);
+   queue; past it, requests are refused with 503 and ``Retry-After``). A request's prompt was
+   tokenized before, on the intake thread (with its session loaded from the state directory if
+   need be), so a long prompt never stalls the loop while it is tokenized;
 2. feeds one prompt chunk (``chunk_size`` tokens) of one request that is still reading its
    prompt, taking such requests in turn, so a long prompt delays the others by one chunk's time;
 3. chooses the next token of every request that is generating, and feeds all of those tokens in
@@ -29,7 +31,6 @@ import queue
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -42,6 +43,7 @@ from ..sampling import TokenChooser
 from ..session import Session, Turn, stop_token_ids
 from ..text import ReplyText
 from .jobs import Event, Failed, Finished, Job, SessionReport, TokenLogprob, TokenText
+from .logs import internal_error
 from .sessions import SessionStore
 
 
@@ -59,7 +61,8 @@ class RequestError(Exception):
 
 @dataclass
 class JobState:
-    """The worker's state for one admitted job (only the worker thread touches it).
+    """The engine's state for one job: the intake thread plans it (session, turn, prompt ids), then
+    only the worker thread touches it.
 
     Attributes:
         job: the job.
@@ -67,6 +70,7 @@ class JobState:
         turn: the turn :meth:`Session.prepare` planned (chat), or None.
         restored: the session was loaded from the state directory for this job.
         cache: the cache its prompt and reply go into (the session's, or one of its own).
+        ids: the prompt's token ids (1-D), as the intake thread tokenized them.
         prompt_tokens: prompt tokens it feeds (cached ones not counted).
         chunks: the prompt's chunks still to feed (:func:`~streamingllm.feed.iter_chunks`);
             None once the prompt is read.
@@ -82,6 +86,7 @@ class JobState:
     turn: Turn | None = None
     restored: bool = False
     cache: SinkCache | None = None
+    ids: torch.Tensor | None = None
     prompt_tokens: int = 0
     chunks: Iterator | None = None
     logits: torch.Tensor | None = None
@@ -100,7 +105,8 @@ class Engine:
         store: the sessions.
         chunk_size: prompt tokens per forward (>= 1).
         max_batch: requests generating at once, batched into one forward per step (>= 1).
-        max_queue: requests waiting beyond those (>= 0); more are refused (503).
+        max_queue: requests waiting beyond those (>= 0); more are refused (503). Every request
+            the engine holds counts, from :meth:`submit` until its end is emitted.
         max_prompt_tokens: tokens one request may feed at most (413 beyond).
         max_tokens: the reply limit when a request gives none.
         penalty_last_n: tokens the repetition/presence/frequency penalties look at.
@@ -118,34 +124,78 @@ class Engine:
         self.chunk_size, self.max_batch, self.max_queue = chunk_size, max_batch, max_queue
         self.max_prompt_tokens, self.max_tokens, self.penalty_last_n = max_prompt_tokens, max_tokens, penalty_last_n
         self.stop_ids = stop_token_ids(tokenizer)
-        self._waiting: queue.Queue[Job | None] = queue.Queue()
+        self._intake: queue.Queue[Job | None] = queue.Queue()  # submitted, to be tokenized
+        self._waiting: queue.Queue[JobState | None] = queue.Queue()  # tokenized, to be admitted
         self._running: list[JobState] = []
+        self._held: set[int] = set()  # id() of every job submitted and not yet ended
+        self._held_lock = threading.Lock()
         self._turn = 0  # round-robin over prompts being read
         self._stopping = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="streamingllm-engine", daemon=True)
+        self._intake_thread = threading.Thread(target=self._intake_loop, name="streamingllm-intake", daemon=True)
 
     def start(self) -> None:
+        self._intake_thread.start()
         self._thread.start()
 
     def stop(self) -> None:
         self._stopping.set()
+        self._intake.put(None)
         self._waiting.put(None)
+        self._intake_thread.join(timeout=30)
         self._thread.join(timeout=30)
 
     @property
     def load(self) -> dict:
-        return {"running": len(self._running), "waiting": self._waiting.qsize()}
+        running = len(self._running)
+        return {"running": running, "waiting": max(len(self._held) - running, 0)}
 
     def submit(self, job: Job) -> None:
-        """Queue ``job`` (any thread); OverloadedError when the queue is full."""
-        if self._waiting.qsize() + len(self._running) >= self.max_batch + self.max_queue:
-            raise OverloadedError("the server is at capacity")
-        self._waiting.put(job)
+        """Take ``job`` (any thread); OverloadedError when ``max_batch + max_queue`` are held already."""
+        with self._held_lock:
+            if len(self._held) >= self.max_batch + self.max_queue:
+                raise OverloadedError("the server is at capacity")
+            self._held.add(id(job))
+        self._intake.put(job)
 
     def new_session(self, system: str | None, pin_system: bool) -> Session:
         """An empty conversation with this server's cache sizes."""
         return Session(self.model, self.tokenizer, self.sink_size, self.window_size, system=system,
                        chunk_size=self.chunk_size, pin_system=pin_system and system is not None)
+
+    # --- the intake thread ----------------------------------------------------------------
+
+    def _intake_loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while (job := self._intake.get()) is not None:
+            if job.cancelled.is_set():
+                self._release(job)
+                continue
+            run = JobState(job)
+            try:
+                self._plan(run)
+            except Exception as err:
+                self._fail(run, _refusal(err))
+                continue
+            self._waiting.put(run)
+
+    def _plan(self, run: JobState) -> None:
+        """Find the job's session and tokenize its prompt (nothing is fed, nothing changes)."""
+        job, request = run.job, run.job.request
+        if request.messages is not None:
+            system = request.messages[0]["content"] if request.messages[0]["role"] == "system" else None
+            if job.entry is not None:  # claimed by this job: no other thread touches it
+                run.session, run.restored = self.store.session(job.entry, system)
+            else:
+                run.session = self.new_session(system, False)
+            run.turn = run.session.prepare(request.messages)
+            run.ids = run.turn.prompt_ids
+        else:
+            run.ids = self.tokenizer(request.prompt, return_tensors="pt").input_ids[0]
+        if len(run.ids) > self.max_prompt_tokens:
+            raise RequestError(413, f"the prompt adds {len(run.ids)} tokens; this server takes at most "
+                                    f"{self.max_prompt_tokens} per request (--max-prompt-tokens)", "request_too_large",
+                               param="messages")
 
     # --- the worker thread ----------------------------------------------------------------
 
@@ -161,56 +211,37 @@ class Engine:
                 self._read_prompt_chunk()
                 self._decode_step()
             except Exception as err:  # a bug: fail what is running, keep serving
-                traceback.print_exc()
+                failure = Failed(500, internal_error(err), "server_error")
                 for run in list(self._running):
-                    self._fail(run, Failed(500, _internal(err), "server_error"))
+                    self._fail(run, failure)
 
     def _admit(self) -> None:
         block = not self._running
         while len(self._running) < self.max_batch:
             try:
-                job = self._waiting.get(block=block, timeout=0.5 if block else None)
+                run = self._waiting.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
                 return
-            if job is None:
+            if run is None:
                 return
             block = False
-            if job.cancelled.is_set():
-                self._release(job)
+            if run.job.cancelled.is_set():
+                self._release(run.job)
                 continue
-            run = JobState(job)
             try:
                 self._begin(run)
-            except RequestError as err:
-                self._fail(run, Failed(err.status, str(err), err.type, err.param))
-                continue
-            except ValueError as err:
-                self._fail(run, Failed(400, str(err), param="messages"))
-                continue
             except Exception as err:
-                traceback.print_exc()
-                self._fail(run, Failed(500, _internal(err), "server_error"))
+                self._fail(run, _refusal(err))
                 continue
             self._running.append(run)
 
     def _begin(self, run: JobState) -> None:
-        """Plan the job's prompt (nothing is fed yet)."""
-        job, request = run.job, run.job.request
-        if request.messages is not None:
-            system = request.messages[0]["content"] if request.messages[0]["role"] == "system" else None
-            if job.entry is not None:
-                run.session, run.restored = self.store.session(job.entry, system)
-            else:
-                run.session = self.new_session(system, False)
-            run.turn = run.session.prepare(request.messages)  # changes nothing: the request may still be refused
-            ids = run.turn.prompt_ids
+        """Open the planned job's turn (:meth:`_plan`); its prompt is fed from the next iteration."""
+        job, request, ids = run.job, run.job.request, run.ids
+        if run.session is not None:
             run.cache = run.session.cache
         else:
-            ids = self.tokenizer(request.prompt, return_tensors="pt").input_ids[0]
             run.cache = SinkCache(self.model, self.sink_size, self.window_size)
-        if len(ids) > self.max_prompt_tokens:
-            raise RequestError(413, f"the prompt adds {len(ids)} tokens; this server takes at most "
-                                    f"{self.max_prompt_tokens} per request (--max-prompt-tokens)", param="messages")
         if job.entry is not None:
             self.store.adopt(job.entry, run.session)
             self.store.enforce_budget()
@@ -232,8 +263,7 @@ class Engine:
         except StopIteration:
             run.chunks = None
         except Exception as err:  # this request's forward failed (out of memory, say): fail it alone
-            traceback.print_exc()
-            self._fail(run, Failed(500, _internal(err), "server_error"))
+            self._fail(run, Failed(500, internal_error(err), "server_error"))
         else:
             run.logits = logits[:, -1]
             if self._prompt_done(run):
@@ -252,8 +282,7 @@ class Engine:
             try:
                 token = self._choose(run)
             except Exception as err:  # this request's sampling failed: fail it alone
-                traceback.print_exc()
-                self._fail(run, Failed(500, _internal(err), "server_error"))
+                self._fail(run, Failed(500, internal_error(err), "server_error"))
                 continue
             if token is not None:
                 tokens.append(token)
@@ -263,9 +292,9 @@ class Engine:
         try:
             logits = decode_rows(self.model, [r.cache for r in going], tokens, self.decode)
         except Exception as err:  # the rows' caches may be written in part: fail the rows of this step
-            traceback.print_exc()
+            failure = Failed(500, internal_error(err), "server_error")
             for run in going:
-                self._fail(run, Failed(500, _internal(err), "server_error"))
+                self._fail(run, failure)
             return
         for r, run in enumerate(going):
             run.logits = logits[r : r + 1]
@@ -327,8 +356,7 @@ class Engine:
                         self.store.save(job.entry)
                 session = self._session_report(run)
         except Exception as err:  # closing or saving the turn failed: the turn is not acknowledged
-            traceback.print_exc()
-            self._fail(run, Failed(500, _internal(err), "server_error"))
+            self._fail(run, Failed(500, internal_error(err), "server_error"))
             return
         cached = run.turn.cached_tokens if run.turn else 0
         generated = len(run.reply.token_ids) if run.reply is not None else 0
@@ -360,12 +388,20 @@ class Engine:
         job.emit(failure)
 
     def _release(self, job: Job) -> None:
+        """The job has ended (its end is emitted next): free its session and its place in the bound."""
         if job.entry is not None:
             self.store.release(job.entry)
+        with self._held_lock:
+            self._held.discard(id(job))
 
 
-def _internal(err: Exception) -> str:
-    return f"internal error: {type(err).__name__}: {err}"
+def _refusal(err: Exception) -> Failed:
+    """The failure a job gets when planning or admitting it raised ``err``."""
+    if isinstance(err, RequestError):
+        return Failed(err.status, str(err), err.type, err.param)
+    if isinstance(err, ValueError):  # malformed messages, a pinned session's other system prompt
+        return Failed(400, str(err), param="messages")
+    return Failed(500, internal_error(err), "server_error")
 
 
 def emitter(loop: asyncio.AbstractEventLoop, events: asyncio.Queue) -> Callable[[Event], None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -12,7 +13,8 @@ class Metrics:
 
     Args:
         state: ``state() -> dict`` with ``known``, ``resident``, ``kv_bytes``, ``cache_fill``,
-            ``running``, ``waiting`` (the session store's and the engine's counts).
+            ``expired``, ``quarantined``, ``running``, ``waiting`` (the session store's and the
+            engine's counts).
     """
 
     def __init__(self, state):
@@ -39,6 +41,7 @@ class Metrics:
                   "requests_waiting": ("waiting", "Requests queued")}
         for name, (key, doc) in gauges.items():
             Gauge(f"streamingllm_{name}", doc, registry=r).set_function(lambda key=key: self._state()[key])
+        r.register(_StoreCounters(state))
 
     def first_token(self, seconds: float) -> None:
         self.ttft.observe(seconds)
@@ -58,3 +61,17 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _StoreCounters:
+    """The session store's running totals, read at scrape time (Prometheus counters)."""
+
+    def __init__(self, state):
+        self._state = state
+
+    def collect(self):
+        s = self._state()
+        yield CounterMetricFamily("streamingllm_sessions_expired", "Sessions expired (idle beyond --session-ttl)",
+                                  value=s["expired"])
+        yield CounterMetricFamily("streamingllm_state_files_quarantined",
+                                  "State-dir files that could not be read, renamed *.corrupt", value=s["quarantined"])

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
-from ..checks import ArgumentError, check_choice, check_int
+from ..checks import ArgumentError, check_choice, check_float, check_int
 from ..compiled import COMPILE
+from ..sampling import SAMPLING_KEYS, Sampling, model_sampling
+
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # the names a server bound to loopback answers to
 
 
 @dataclass(frozen=True)
@@ -20,10 +23,19 @@ class ServerSettings:
         max_sessions: sessions held in memory (>= 1); least recently used ones are evicted.
         max_cache_mib: MiB of cache held in memory, all sessions together (None: no limit).
         state_dir: directory where sessions are saved after every turn and found after a restart.
+        session_ttl: seconds a session may stay idle before it expires, in memory and on disk (0: never).
+        max_sessions_known: sessions that may exist at once, in memory or saved (>= 1; 429 beyond).
         max_prompt_tokens: tokens one request may feed (413 beyond).
         max_tokens: reply limit when a request gives none (tokens).
+        max_tokens_limit: the most tokens a request may ask for as ``max_tokens``,
+            ``max_completion_tokens`` or ``min_tokens`` (400 beyond; >= ``max_tokens``).
+        temperature, top_k, top_p, min_p, repetition_penalty: the sampling of the requests that
+            leave it unset; None: the model's ``generation_config``'s when it recommends one, else
+            :data:`~.protocol.LOCAL_SAMPLING`'s (:meth:`request_defaults`).
         max_body_mib: request bodies larger than this are refused (413; MiB).
         api_key: required as ``Authorization: Bearer <key>`` on /v1/* when set.
+        allowed_hosts: the names a request's ``Host`` header may give (``*``: any; ``*.example.org``:
+            its subdomains); others get 400, so DNS rebinding cannot reach the server. None: any.
         penalty_last_n: tokens the repetition penalties look at.
         compile: a lone request's decode steps compiled: ``"auto"`` (on CUDA), ``"on"``, ``"off"``
             (:mod:`streamingllm.compiled`).
@@ -37,10 +49,19 @@ class ServerSettings:
     max_sessions: int = 64
     max_cache_mib: float | None = None
     state_dir: str | None = None
+    session_ttl: float = 86400.0
+    max_sessions_known: int = 1024
     max_prompt_tokens: int = 65536
     max_tokens: int = 512
+    max_tokens_limit: int = 4096
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
     max_body_mib: float = 8.0
     api_key: str | None = None
+    allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES
     penalty_last_n: int = 64
     compile: str = "auto"
 
@@ -50,13 +71,35 @@ class ServerSettings:
         check_cache_sizes(self.sink_size, self.window_size)
         check_choice("compile", self.compile, list(COMPILE))
         for name, low in (("chunk_size", 1), ("max_batch", 1), ("max_queue", 0), ("max_sessions", 1),
-                          ("max_prompt_tokens", 1), ("max_tokens", 1), ("penalty_last_n", 0)):
+                          ("max_sessions_known", 1), ("max_prompt_tokens", 1), ("max_tokens", 1), ("penalty_last_n", 0)):
             check_int(name, getattr(self, name), low)
+        if self.allowed_hosts is not None and not (self.allowed_hosts and all(self.allowed_hosts)):
+            raise ArgumentError("allowed_hosts", "must name at least one host (or '*' for any), none empty",
+                                self.allowed_hosts)
         for name in ("max_cache_mib", "max_body_mib"):
             value = getattr(self, name)
             if value is not None and not value > 0:
                 raise ArgumentError(name, "must be a number > 0", value)
+        check_float("session_ttl", self.session_ttl, 0)
+        check_int("max_tokens_limit", self.max_tokens_limit, 1)
+        if self.max_tokens > self.max_tokens_limit:
+            raise ArgumentError("max_tokens", "must be <= max_tokens_limit", self.max_tokens,
+                                mentions=("max_tokens_limit",))
+        Sampling(**self._sampling_given())  # checks each one set
         return self
+
+    def _sampling_given(self) -> dict:
+        return {name: getattr(self, name) for name in SAMPLING_KEYS if getattr(self, name) is not None}
+
+    def request_defaults(self, generation_config=None):
+        """The :class:`~.protocol.RequestDefaults`: each sampling setting given here, else the
+        model's recommendation (``generation_config``, :func:`~streamingllm.sampling.model_sampling`)
+        when it has one, else :data:`~.protocol.LOCAL_SAMPLING`'s; ``max_tokens`` and its limit."""
+        from .protocol import LOCAL_SAMPLING, RequestDefaults
+
+        base = model_sampling(generation_config, self.penalty_last_n) or replace(
+            LOCAL_SAMPLING, penalty_last_n=self.penalty_last_n)
+        return RequestDefaults(replace(base, **self._sampling_given()), self.max_tokens, self.max_tokens_limit)
 
 
 def build_app(model, tokenizer, model_name: str, settings: ServerSettings):
@@ -67,18 +110,23 @@ def build_app(model, tokenizer, model_name: str, settings: ServerSettings):
     require("prometheus_client", "the server's metrics")
     from .app import create_app
     from .engine import Engine
+    from .logs import install_redaction
     from .sessions import SessionStore
 
     s = settings.check()
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{model_name} has no chat template: the server needs a chat (instruct) model")
     engine_ref = {}
+    install_redaction()  # before the state dir is read: what that logs names files by session id
     store = SessionStore(lambda system, pin: engine_ref["engine"].new_session(system, pin), s.max_sessions,
-                         None if s.max_cache_mib is None else int(s.max_cache_mib * 2**20), s.state_dir)
+                         None if s.max_cache_mib is None else int(s.max_cache_mib * 2**20), s.state_dir,
+                         ttl=s.session_ttl, max_known=s.max_sessions_known)
     engine = Engine(model, tokenizer, s.sink_size, s.window_size, store, chunk_size=s.chunk_size,
                     max_batch=s.max_batch, max_queue=s.max_queue, max_prompt_tokens=s.max_prompt_tokens,
                     max_tokens=s.max_tokens, penalty_last_n=s.penalty_last_n, compile=s.compile)
     engine_ref["engine"] = engine
-    app = create_app(engine, store, model_name, api_key=s.api_key, max_body_bytes=int(s.max_body_mib * 2**20))
+    app = create_app(engine, store, model_name, api_key=s.api_key, max_body_bytes=int(s.max_body_mib * 2**20),
+                     allowed_hosts=s.allowed_hosts,
+                     defaults=s.request_defaults(getattr(model, "generation_config", None)))
     engine.start()
     return app, engine

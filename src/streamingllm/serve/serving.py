@@ -12,6 +12,7 @@ import asyncio
 import json
 import threading
 from abc import ABC, abstractmethod
+from dataclasses import replace
 from typing import ClassVar
 
 from fastapi import Request
@@ -25,13 +26,14 @@ from .protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionLogP
                        ChatCompletionLogProbsContent, ChatCompletionRequest, ChatCompletionResponse,
                        ChatCompletionResponseChoice, ChatCompletionResponseStreamChoice, CompletionChunk,
                        CompletionLogProbs, CompletionRequest, CompletionResponse, CompletionResponseChoice,
-                       DeltaMessage, FinishReason, GenerationParams, ModelCard, ModelList, UsageInfo, error_body,
-                       new_id, now)
-from .sessions import SessionBusyError, SessionStore, UnknownSessionError
+                       DeltaMessage, FinishReason, GenerationParams, ModelCard, ModelList, RequestDefaults,
+                       UsageInfo, error_body, new_id, now)
+from .sessions import SessionBusyError, SessionLimitError, SessionStore, UnknownSessionError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                409: "conflict_error", 413: "request_too_large", 500: "server_error", 503: "overloaded_error"}
 DISCONNECT_CHECK_S = 0.5  # how often a whole (non-streamed) request checks that its client is still there
+MAX_SESSION_ID = 64  # characters; the server's ids have 29
 
 
 class APIError(Exception):
@@ -62,10 +64,19 @@ class OpenAIServing:
         store: its sessions.
         model_name: the name the model is served as (requests must give it).
         retry_after: seconds a client is told to wait when the server is overloaded (503).
+        defaults: what requests get for what they leave unset, and their ``max_tokens`` limit
+            (None: :data:`~.protocol.LOCAL_SAMPLING` with the engine's ``penalty_last_n`` and
+            ``max_tokens``, and the default limit).
     """
 
-    def __init__(self, engine: Engine, store: SessionStore, model_name: str, retry_after: int = 2):
+    def __init__(self, engine: Engine, store: SessionStore, model_name: str, retry_after: int = 2,
+                 defaults: RequestDefaults | None = None):
         self.engine, self.store, self.model_name, self.retry_after = engine, store, model_name, retry_after
+        if defaults is None:
+            base = RequestDefaults()
+            defaults = RequestDefaults(replace(base.sampling, penalty_last_n=engine.penalty_last_n), engine.max_tokens,
+                                       max(engine.max_tokens, base.max_tokens_limit))
+        self.defaults = defaults
 
     # --- models, health, sessions -------------------------------------------------------------
 
@@ -84,19 +95,25 @@ class OpenAIServing:
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.model_name, **self.engine.load, "sink_size": self.engine.sink_size,
-                "window_size": self.engine.window_size}
+                "window_size": self.engine.window_size, "defaults": self.defaults.describe()}
 
     def create_session(self, pin_system: bool) -> dict:
         """A new session (``pin_system``: it keeps its system prompt as attention sinks), described."""
-        return self.store.describe(self.store.create(pin_system=pin_system))
+        try:
+            return self.store.describe(self.store.create(pin_system=pin_system))
+        except SessionLimitError as err:
+            raise APIError(429, f"{err} (--max-sessions-known); delete one (DELETE /v1/sessions/{{id}}) or wait "
+                                "for idle ones to expire (--session-ttl)", type_="rate_limit_error") from None
 
     def describe_session(self, sid: str) -> dict:
+        check_session_id(sid)
         try:
             return self.store.describe(sid)
         except UnknownSessionError:
             raise APIError(404, f"no session {sid!r}", "session_id") from None
 
     def delete_session(self, sid: str) -> dict:
+        check_session_id(sid)
         try:
             self.store.delete(sid)
         except UnknownSessionError:
@@ -121,20 +138,20 @@ class OpenAIServing:
                      reply_class: type[_Reply]) -> Response:
         """Run one request through the engine and answer it (streamed or whole)."""
         self.check_model(body.model)
-        sid = body.session_id or request.headers.get("x-session-id")
-        entry = None if sid is None else self._claim(sid)
+        sid = body.session_id if body.session_id is not None else request.headers.get("x-session-id")
+        entry = None if sid is None else self._claim(check_session_id(sid))
         events = JobEvents(request)
         submitted = False
         try:
-            generation = body.to_generation(self.engine.penalty_last_n, self.engine.max_tokens)
+            generation = body.to_generation(self.defaults)
             job = Job(generation, events.emit, entry, cancelled=events.cancelled)
             self.engine.submit(job)
             submitted = True
         except OverloadedError:
             raise APIError(503, "the server is at capacity; retry later",
                            headers={"Retry-After": str(self.retry_after)}) from None
-        except ValueError as err:  # a sampling setting the library refuses
-            raise APIError(400, str(err)) from None
+        except ValueError as err:  # a limit or a sampling setting the library refuses
+            raise APIError(400, str(err), getattr(err, "param", None)) from None
         finally:
             if entry is not None and not submitted:  # the engine releases the sessions of the jobs it has
                 self.store.release(entry)
@@ -169,6 +186,14 @@ class OpenAIServing:
                 return JSONResponse(reply.whole(event).model_dump())
             reply.add(event)
             event = await events.next()
+
+
+def check_session_id(sid: str) -> str:
+    """``sid`` when it can be a session id (1 to MAX_SESSION_ID characters); else 400 naming
+    ``session_id`` (an empty id is not "no session", and a long one is not echoed back)."""
+    if not 0 < len(sid) <= MAX_SESSION_ID:
+        raise APIError(400, f"session_id must be 1 to {MAX_SESSION_ID} characters, got {len(sid)}", "session_id")
+    return sid
 
 
 class JobEvents:

@@ -10,27 +10,29 @@ reaches only the session it names. The store keeps at most ``max_sessions`` sess
   after a restart;
 * without one it is dropped, and its next request rebuilds it from the messages it sends.
 
-The response of a session's next request says which (``evicted``). Only the worker thread
-touches sessions' caches; the lock guards the table.
+The response of a session's next request says which (``evicted``). Sessions idle for longer than
+``ttl`` expire, in memory and on disk (checked whenever the table is used), and at most
+``max_known`` sessions exist at once (:class:`SessionLimitError` beyond). The state directory's
+files are written by :class:`~.state_dir.StateDir` (a turn is on disk if and only if it was
+acknowledged). Only the worker thread touches sessions' caches; the lock guards the table.
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
-import re
 import secrets
 import threading
-import warnings
+import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 from ..memory import storage_bytes
 from ..session import Session
+from .state_dir import ID_PATTERN, StateDir
 
-ID_PATTERN = re.compile(r"^sess-[A-Za-z0-9_-]{16,64}$")  # also safe as a file name
+log = logging.getLogger(__name__)
 
 
 class UnknownSessionError(KeyError):
@@ -39,6 +41,10 @@ class UnknownSessionError(KeyError):
 
 class SessionBusyError(RuntimeError):
     """The session is serving another request (409)."""
+
+
+class SessionLimitError(RuntimeError):
+    """As many sessions as the store may know exist already (429)."""
 
 
 @dataclass
@@ -52,6 +58,8 @@ class Entry:
         busy: a request is running on it.
         evicted: ``"saved"`` or ``"dropped"`` when it was evicted since its last request.
         saved: its state is in the state directory.
+        version: the version of its last saved turn (0: none).
+        last_used: when a request last ended on it, or it was made (Unix seconds).
     """
 
     id: str
@@ -60,6 +68,8 @@ class Entry:
     busy: bool = False
     evicted: str | None = None
     saved: bool = False
+    version: int = 0
+    last_used: float = field(default_factory=time.time)
 
 
 class SessionStore:
@@ -71,35 +81,66 @@ class SessionStore:
         max_kv_bytes: bytes of cache held in memory at most, all sessions together (None: no limit).
         state_dir: where sessions are written after every turn and found again after a restart
             (None: sessions live in memory only).
+        ttl: seconds a session may stay idle before it expires, in memory and on disk (None or 0: never).
+        max_known: sessions that may exist at once, in memory or saved (None: no limit).
+        clock: the time now (Unix seconds; tests pass their own).
     """
 
     def __init__(self, make_session: Callable[[str | None, bool], Session], max_sessions: int = 64,
-                 max_kv_bytes: int | None = None, state_dir: str | os.PathLike | None = None):
+                 max_kv_bytes: int | None = None, state_dir: str | os.PathLike | None = None,
+                 ttl: float | None = None, max_known: int | None = None, clock: Callable[[], float] = time.time):
         self.make_session, self.max_sessions, self.max_kv_bytes = make_session, max_sessions, max_kv_bytes
-        self.state_dir = None if state_dir is None else Path(state_dir)
+        self.ttl, self.max_known, self.clock = ttl or None, max_known, clock
+        self.files = None if state_dir is None else StateDir(state_dir)
+        self.state_dir = None if self.files is None else self.files.path
         self._entries: OrderedDict[str, Entry] = OrderedDict()  # least recently used first
         self._lock = threading.Lock()
         self.evictions = {"saved": 0, "dropped": 0}
-        if self.state_dir is not None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            for meta in sorted(self.state_dir.glob("sess-*.json"), key=lambda p: p.stat().st_mtime):
-                info = json.loads(meta.read_text())
-                self._entries[meta.stem] = Entry(meta.stem, bool(info.get("pin_system")),
-                                                 saved=self._path(meta.stem, ".pt").exists())
+        self.expired = 0  # sessions expired since this process started
+        if self.files is not None:
+            for r in self.files.scan():
+                self._entries[r.id] = Entry(r.id, r.meta["pin_system"], saved=r.has_cache, version=r.meta["version"],
+                                            last_used=r.meta["last_used"])
+            self.expire()
 
     # --- the table (any thread) ---------------------------------------------------------
 
     def create(self, pin_system: bool = False) -> str:
-        """A new session's id."""
+        """A new session's id (SessionLimitError when ``max_known`` sessions exist)."""
+        self.expire()
         sid = f"sess-{secrets.token_urlsafe(18)}"
         with self._lock:
-            self._entries[sid] = Entry(sid, pin_system)
-        if self.state_dir is not None:
-            self._write_meta(sid, pin_system)
+            if self.max_known is not None and len(self._entries) >= self.max_known:
+                raise SessionLimitError(f"the server holds {len(self._entries)} sessions, its limit")
+            entry = self._entries[sid] = Entry(sid, pin_system, last_used=self.clock())
+        if self.files is not None:
+            try:
+                self.files.write_meta(sid, self._meta(entry))
+            except BaseException:
+                with self._lock:
+                    self._entries.pop(sid, None)
+                raise
         return sid
+
+    def expire(self) -> None:
+        """Forget the idle sessions unused for longer than ``ttl``, and delete their files."""
+        if self.ttl is None:
+            return
+        now = self.clock()
+        with self._lock:
+            gone = [e for e in self._entries.values() if not e.busy and now - e.last_used > self.ttl]
+            for e in gone:
+                del self._entries[e.id]
+            self.expired += len(gone)
+        for e in gone:
+            if self.files is not None:
+                self.files.remove(e.id, e.version)
+        if gone:
+            log.info("expired %d sessions idle for more than %g s", len(gone), self.ttl)
 
     def claim(self, sid: str) -> Entry:
         """Mark ``sid`` busy for a request (UnknownSessionError, SessionBusyError)."""
+        self.expire()
         with self._lock:
             entry = self._entries.get(sid) if isinstance(sid, str) and ID_PATTERN.match(sid) else None
             if entry is None:
@@ -113,8 +154,10 @@ class SessionStore:
     def release(self, entry: Entry) -> None:
         with self._lock:
             entry.busy = False
+            entry.last_used = self.clock()
 
     def delete(self, sid: str) -> None:
+        self.expire()
         with self._lock:
             entry = self._entries.get(sid)
             if entry is None:
@@ -122,12 +165,13 @@ class SessionStore:
             if entry.busy:
                 raise SessionBusyError(sid)
             del self._entries[sid]
-        if self.state_dir is not None:
-            for suffix in (".pt", ".json"):
-                self._path(sid, suffix).unlink(missing_ok=True)
+        if self.files is not None:
+            self.files.remove(sid, entry.version)
 
     def describe(self, sid: str) -> dict:
-        """What ``GET /v1/sessions/{id}`` shows."""
+        """What ``GET /v1/sessions/{id}`` shows: the numbers and the transcript (``messages``) of
+        the live session, or else of its last saved turn (read from the state directory)."""
+        self.expire()
         with self._lock:
             entry = self._entries.get(sid)
             if entry is None:
@@ -136,19 +180,24 @@ class SessionStore:
             info = {"id": sid, "object": "session", "pin_system": entry.pin_system,
                     "resident": s is not None, "saved": entry.saved, "busy": entry.busy}
             if s is not None:
-                info.update(turns=sum(m["role"] == "user" for m in s.messages), seen_tokens=s.cache.seen_tokens,
-                            cached_tokens=s.cache.cached_tokens, max_cached_tokens=s.cache.max_cached_tokens,
-                            pinned_tokens=s.pinned_tokens, messages=list(s.messages))
-            return info
+                info.update(s.stats(), messages=list(s.messages))
+                return info
+        meta = self.files.read_meta(sid) if self.files is not None and entry.version else None
+        if meta and isinstance(meta.get("stats"), dict) and isinstance(meta.get("messages"), list):
+            info.update(meta["stats"], messages=meta["messages"])
+        return info
 
     def counts(self) -> dict:
-        """Sessions known, held in memory, and their cache bytes and fill."""
+        """Sessions known, held in memory, and their cache bytes and fill; sessions expired and
+        state files quarantined since the start."""
+        self.expire()
         with self._lock:
             live = [e.session for e in self._entries.values() if e.session is not None]
         cached = sum(s.cache.cached_tokens for s in live)
         room = sum(s.cache.max_cached_tokens for s in live)
         return {"known": len(self._entries), "resident": len(live), "kv_bytes": sum(storage_bytes(s.cache) for s in live),
-                "cache_fill": cached / room if room else 0.0}
+                "cache_fill": cached / room if room else 0.0, "expired": self.expired,
+                "quarantined": 0 if self.files is None else self.files.quarantined}
 
     # --- sessions (the worker thread) -------------------------------------------------------
 
@@ -162,10 +211,11 @@ class SessionStore:
         restored = False
         if entry.session is None and entry.saved:
             try:
-                session = self.make_session(self._saved_system(entry.id), entry.pin_system)
-                session.load(self._path(entry.id, ".pt"))
+                path = self.files.cache_path(entry.id, entry.version)
+                session = self.make_session((self.files.read_meta(entry.id) or {}).get("system"), entry.pin_system)
+                session.load(path)
             except Exception as err:  # another model or cache size since a restart, a damaged file
-                warnings.warn(f"session {entry.id}: its saved state cannot be restored ({err}); starting it anew")
+                log.warning(f"session {entry.id}: its saved state {path} cannot be restored ({err}); starting it anew")
                 entry.saved, entry.evicted = False, "dropped"
             else:
                 entry.session, restored = session, True
@@ -178,13 +228,12 @@ class SessionStore:
         entry.session = session
 
     def save(self, entry: Entry) -> None:
-        """Write the session's state (after a turn, before it is acknowledged)."""
-        if self.state_dir is None or entry.session is None:
+        """Write the session's state (after a turn, before it is acknowledged); when this raises,
+        the turn is not on disk and the previous saved turn is intact."""
+        if self.files is None or entry.session is None:
             return
-        tmp = self._path(entry.id, ".pt.tmp")
-        entry.session.save(tmp)
-        os.replace(tmp, self._path(entry.id, ".pt"))
-        self._write_meta(entry.id, entry.pin_system, entry.session.system)
+        entry.last_used = self.clock()
+        entry.version = self.files.save(entry.id, entry.version, self._meta(entry), entry.session)
         entry.saved = True
 
     def forget_state(self, entry: Entry) -> None:
@@ -215,15 +264,9 @@ class SessionStore:
                 e.session = None
                 live = [x for x in live if x is not e]
 
-    # --- files ------------------------------------------------------------------------------
-
-    def _path(self, sid: str, suffix: str) -> Path:
-        return self.state_dir / f"{sid}{suffix}"
-
-    def _write_meta(self, sid: str, pin_system: bool, system: str | None = None) -> None:
-        tmp = self._path(sid, ".json.tmp")
-        tmp.write_text(json.dumps({"pin_system": pin_system, "system": system}))
-        os.replace(tmp, self._path(sid, ".json"))
-
-    def _saved_system(self, sid: str) -> str | None:
-        return json.loads(self._path(sid, ".json").read_text()).get("system")
+    def _meta(self, entry: Entry) -> dict:
+        """``entry``'s metadata for the state directory (its live session's transcript and numbers)."""
+        s = entry.session
+        return {"pin_system": entry.pin_system, "system": None if s is None else s.system, "version": entry.version,
+                "last_used": entry.last_used, "messages": None if s is None else list(s.messages),
+                "stats": None if s is None else s.stats()}

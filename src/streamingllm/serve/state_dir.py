@@ -1,0 +1,228 @@
+"""The server's state directory: each session's metadata and cache files, written so that a turn is
+on disk if and only if it was acknowledged.
+
+A session ``sess-X`` is two files: ``sess-X.json`` (the metadata: settings, transcript, numbers,
+when it was last used, and the *version* of its cache) and ``sess-X.<version>.pt`` (the cache and
+transcript, :meth:`Session.save <streamingllm.session.Session.save>`). A turn is saved as: the new
+cache under a temporary name, fsync, rename to the next version; then the metadata naming that
+version, the same way. The metadata's rename is the commit: a process killed before it leaves the
+previous metadata naming the previous cache (removed only after the commit), and the new cache an
+orphan that :meth:`StateDir.scan` deletes at the next start. Metadata that cannot be read (empty,
+not JSON, wrong fields) is quarantined (renamed ``*.corrupt``) and logged, so one bad file never
+stops the server. The directory is owner-only (0700), its files too (0600): the file names are
+session ids, which are what a client needs to reach a conversation.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)  # whole messages (f-strings): the server redacts the session ids in them
+
+ID_PATTERN = re.compile(r"^sess-[A-Za-z0-9_-]{16,64}$")  # also safe as a file name
+FORMAT = 2  # the metadata's format (1: {"pin_system", "system"} beside sess-X.pt, read and upgraded)
+_CACHE_NAME = re.compile(r"^(sess-[A-Za-z0-9_-]{16,64})(?:\.(\d+))?\.pt$")
+
+
+@dataclass
+class Record:
+    """One session's metadata as read from disk.
+
+    Attributes:
+        id: the session id.
+        meta: the metadata (``pin_system``, ``system``, ``version``, ``last_used`` (Unix seconds),
+            ``messages`` and ``stats`` (None before the first turn)).
+        has_cache: the cache file the metadata names is there.
+    """
+
+    id: str
+    meta: dict
+    has_cache: bool
+
+
+class StateDir:
+    """Sessions' files in ``path`` (created owner-only; tightened to 0700 with a warning when it
+    exists and others can read it).
+
+    Attributes:
+        quarantined: metadata files renamed ``*.corrupt`` since this process started.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.quarantined = 0
+        if not self.path.is_dir():
+            self.path.mkdir(mode=0o700, parents=True)
+            os.chmod(self.path, 0o700)  # mkdir's mode is masked by the umask
+        mode = stat.S_IMODE(self.path.stat().st_mode)
+        if mode & 0o077:
+            try:
+                os.chmod(self.path, 0o700)
+                log.warning(f"state dir {self.path} was open to other users (mode {mode:o}): set to 0700 (its "
+                            "file names are session ids)")
+            except OSError as err:
+                log.warning(f"state dir {self.path} is open to other users (mode {mode:o}) and cannot be "
+                            f"restricted: {err}")
+
+    def cache_path(self, sid: str, version: int) -> Path:
+        return self.path / f"{sid}.{version}.pt"
+
+    def meta_path(self, sid: str) -> Path:
+        return self.path / f"{sid}.json"
+
+    # --- reading, at start-up -------------------------------------------------------------------
+
+    def scan(self) -> list[Record]:
+        """Every session's record, least recently used first. Temporary files and caches no
+        metadata names (a turn that was never acknowledged) are deleted; unreadable metadata is
+        quarantined with its caches."""
+        for tmp in self.path.glob("sess-*.tmp"):
+            tmp.unlink(missing_ok=True)
+        records, bad = {}, set()
+        for path in self.path.glob("sess-*.json"):
+            try:
+                records[path.stem] = self._read(path)
+            except (OSError, ValueError) as err:
+                bad.add(path.stem)
+                self._quarantine(path, str(err))
+        for path in self.path.glob("sess-*.pt"):
+            match = _CACHE_NAME.match(path.name)
+            sid, version = (match.group(1), int(match.group(2) or 0)) if match else (None, None)
+            record = records.get(sid)
+            if record is not None and record.meta["version"] == version:
+                record.has_cache = True
+            elif sid in bad:
+                self._quarantine(path, "its metadata is unreadable")
+            else:
+                path.unlink(missing_ok=True)
+                log.warning(f"state dir: removed {path}, a session state no metadata names (a turn that was "
+                            "not acknowledged, or a deleted session)")
+        for record in records.values():
+            if record.meta["version"] and not record.has_cache:
+                log.warning(f"state dir: {self.meta_path(record.id)} names "
+                            f"{self.cache_path(record.id, record.meta['version'])}, which is missing: the session "
+                            "starts anew")
+        return sorted(records.values(), key=lambda r: r.meta["last_used"])
+
+    def _read(self, path: Path) -> Record:
+        sid = path.stem
+        if not ID_PATTERN.match(sid):
+            raise ValueError("not a session id")
+        try:
+            meta = json.loads(path.read_text())
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"not JSON: {err}") from None
+        if not isinstance(meta, dict):
+            raise ValueError("not a JSON object")
+        if "format" not in meta:  # format 1: upgraded in place
+            meta = self._upgrade(sid, meta, path.stat().st_mtime)
+        checks = {"format": lambda v: v == FORMAT, "pin_system": lambda v: isinstance(v, bool),
+                  "system": lambda v: v is None or isinstance(v, str),
+                  "version": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+                  "last_used": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+                  "messages": lambda v: v is None or isinstance(v, list),
+                  "stats": lambda v: v is None or isinstance(v, dict)}
+        for key, ok in checks.items():
+            if key not in meta or not ok(meta[key]):
+                raise ValueError(f"its {key!r} is missing or invalid")
+        return Record(sid, meta, has_cache=False)
+
+    def _upgrade(self, sid: str, old: dict, mtime: float) -> dict:
+        """Format 1 metadata (and its ``sess-X.pt``) as format 2."""
+        legacy, version = self.path / f"{sid}.pt", 0
+        if legacy.exists():
+            version = 1
+            os.replace(legacy, self.cache_path(sid, 1))
+        meta = {"format": FORMAT, "pin_system": old.get("pin_system"), "system": old.get("system"),
+                "version": version, "last_used": mtime, "messages": None, "stats": None}
+        self.write_meta(sid, meta)
+        return meta
+
+    def _quarantine(self, path: Path, why: str) -> None:
+        target = path.with_name(path.name + ".corrupt")
+        try:
+            os.replace(path, target)
+        except OSError as err:
+            log.warning(f"state dir: cannot quarantine {path} ({why}): {err}")
+            return
+        self.quarantined += 1
+        log.warning(f"state dir: quarantined {path} ({why}): renamed to {target.name}")
+
+    def read_meta(self, sid: str) -> dict | None:
+        """``sid``'s metadata as on disk now (None when it cannot be read)."""
+        try:
+            return json.loads(self.meta_path(sid).read_text())
+        except (OSError, ValueError):
+            return None
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def write_meta(self, sid: str, meta: dict) -> None:
+        """Replace ``sid``'s metadata atomically and durably (the commit of a turn)."""
+        text = json.dumps({**meta, "format": FORMAT})
+        _write_private(self.meta_path(sid), lambda tmp: tmp.write_text(text))
+        _fsync_dir(self.path)
+
+    def save(self, sid: str, version: int, meta: dict, session) -> int:
+        """Write ``session`` as ``sid``'s next version after ``version``, then ``meta`` naming it;
+        the previous version's cache is removed once the new one is committed. Returns the new
+        version. Raises when the turn is not on disk (the previous pair is intact then)."""
+        new = version + 1
+        cache = self.cache_path(sid, new)
+        _write_private(cache, session.save)
+        _fsync_dir(self.path)
+        text = json.dumps({**meta, "format": FORMAT, "version": new})
+        try:
+            _write_private(self.meta_path(sid), lambda tmp: tmp.write_text(text))
+        except BaseException:
+            cache.unlink(missing_ok=True)
+            raise
+        try:  # committed: from here on nothing may raise (the turn is on disk)
+            _fsync_dir(self.path)
+            if version:
+                self.cache_path(sid, version).unlink(missing_ok=True)
+        except OSError as err:
+            log.warning(f"state dir: after saving {sid} version {new}: {err}")
+        return new
+
+    def remove(self, sid: str, version: int) -> None:
+        """Delete ``sid``'s files: the metadata first, so that a crash leaves only an orphan cache."""
+        for path in (self.meta_path(sid), self.cache_path(sid, version)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as err:
+                log.warning(f"state dir: cannot remove {path}: {err}")
+
+
+def _write_private(path: Path, write) -> None:
+    """``write(tmp)`` to a temporary owner-only file, fsync it, and rename it to ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # in case a stale temporary file had another mode
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames in directory ``path`` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
