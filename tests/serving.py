@@ -86,3 +86,21 @@ class Server:
         if default is None:
             raise KeyError(name)
         return default
+
+
+def running_server(state_dir, *flags: str):
+    """Yield a started :class:`Server` of the default model with ``flags`` and stop it after (the body
+    of a fixture: ``yield from running_server(...)``); the test is skipped when the model is not
+    installed."""
+    from streamingllm.models import ModelLoadError, default_gguf_path
+
+    try:
+        default_gguf_path()
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+    srv = Server(state_dir, *flags)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.stop()

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from serving import API_KEY, Server
+from serving import API_KEY, Server, running_server
 
 pytest.importorskip("openai")
 
@@ -23,17 +23,8 @@ pytest.importorskip("openai")
 @pytest.fixture(scope="module")
 def hostile(tmp_path_factory):
     """The default model on a 4 + 60 cache; small limits (body, batch, queue, tokens, sessions)."""
-    from streamingllm.models import ModelLoadError, default_gguf_path
-
-    try:
-        default_gguf_path()
-    except ModelLoadError as err:
-        pytest.skip(str(err))
-    srv = Server(tmp_path_factory.mktemp("hostile"), "--window-size", "60", "--max-prompt-tokens", "2000",
-                 "--max-body-mib", "1", "--max-batch", "2", "--max-queue", "1", "--max-tokens", "16")
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from running_server(tmp_path_factory.mktemp("hostile"), "--window-size", "60", "--max-prompt-tokens", "2000",
+                              "--max-body-mib", "1", "--max-batch", "2", "--max-queue", "1", "--max-tokens", "16")
 
 
 def still_serves(srv: Server) -> None:
