@@ -4,6 +4,7 @@ server tests and the chat client's."""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -27,20 +28,29 @@ def free_port() -> int:
 
 class Server:
     """``streamingllm serve`` in a subprocess; :meth:`restart` stops it and starts it again on the
-    same port and state directory."""
+    same port and state directory.
 
-    def __init__(self, state_dir, *flags: str):
+    Args:
+        state_dir: its state directory (and where its log goes).
+        flags: more command-line options.
+        store: ``--session-store`` instead of ``--state-dir state_dir`` (e.g. a ``redis://`` URL).
+        start_s: seconds it may take to answer ``/health`` (replicas on Ray take longer).
+    """
+
+    def __init__(self, state_dir, *flags: str, store: str | None = None, start_s: float = 180):
         self.port, self.state_dir, self.flags = free_port(), state_dir, flags
+        self.store, self.start_s = store, start_s
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc = None
 
     def start(self) -> None:
+        where = ["--session-store", self.store] if self.store else ["--state-dir", str(self.state_dir)]
         cmd = [sys.executable, "-m", "streamingllm.cli", "serve", "--port", str(self.port), "--api-key", API_KEY,
-               "--state-dir", str(self.state_dir), "--log-level", "warning", *self.flags]
+               *where, "--log-level", "warning", *self.flags]
         self.log = open(self.state_dir / "server.log", "a")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
                                      env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2")})
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + self.start_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 pytest.fail(f"the server exited: {(self.state_dir / 'server.log').read_text()[-2000:]}")
@@ -49,15 +59,21 @@ class Server:
                     return
             except httpx.HTTPError:
                 time.sleep(0.5)
-        pytest.fail("the server did not start within 180 s")
+        pytest.fail(f"the server did not start within {self.start_s:g} s")
 
     def stop(self) -> None:
+        """Stop it (SIGTERM, then SIGKILL to its whole process group: a Ray cluster's daemons too)."""
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
             try:
-                self.proc.wait(timeout=30)
+                self.proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                pass
+        if self.proc is not None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # what is left of its group (Ray's daemons)
+            except (ProcessLookupError, PermissionError):
+                pass
         self.log.close()
 
     def restart(self) -> None:
@@ -88,7 +104,7 @@ class Server:
         return default
 
 
-def running_server(state_dir, *flags: str):
+def running_server(state_dir, *flags: str, store: str | None = None, start_s: float = 180):
     """Yield a started :class:`Server` of the default model with ``flags`` and stop it after (the body
     of a fixture: ``yield from running_server(...)``); the test is skipped when the model is not
     installed."""
@@ -98,7 +114,7 @@ def running_server(state_dir, *flags: str):
         default_gguf_path()
     except ModelLoadError as err:
         pytest.skip(str(err))
-    srv = Server(state_dir, *flags)
+    srv = Server(state_dir, *flags, store=store, start_s=start_s)
     srv.start()
     try:
         yield srv

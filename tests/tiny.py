@@ -75,3 +75,23 @@ def tiny_model(family: str, seed: int = 0, dtype=torch.float32, **overrides):
             if name.endswith("sinks"):  # learned softmax sinks: far from their zero initialisation
                 p.normal_(0.0, 2.0)
     return model
+
+
+def chat_tokenizer():
+    """A character-level chat tokenizer for the tiny models: one token per character, one per
+    role, ``<|end|>`` ends a turn (so short turns, and a small window holds a few)."""
+    import string
+
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+
+    roles = ("system", "user", "assistant")
+    special = ["<unk>", "<|end|>"] + [f"<|{r}|>" for r in roles]
+    vocab = {t: i for i, t in enumerate(special + list("\n" + string.printable[:95]))}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    tok = tf.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<|end|>",
+                                     additional_special_tokens=special[2:])
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    return tok

@@ -18,6 +18,8 @@ EXTRAS: dict[str, str] = {
     "uvicorn": "serve",
     "prometheus_client": "serve",
     "llama_cpp": "llamacpp",
+    "ray": "replicas",
+    "redis": "replicas",
 }
 
 

@@ -147,12 +147,35 @@ class Session:
                 "max_cached_tokens": self.cache.max_cached_tokens, "pinned_tokens": self.pinned_tokens,
                 "turns": sum(m["role"] == "user" for m in self.messages)}
 
+    def state(self) -> dict:
+        """The conversation as :meth:`save` writes it: ``format``, ``cache`` (the cache's
+        :meth:`~streamingllm.cache.SinkCache.state_dict`: the tokens it holds, not its empty
+        slots), ``messages``, ``last``, ``system`` and ``pinned_tokens``. Tensors and lists are
+        copies: the dict does not change as the conversation goes on."""
+        return {"format": 1, "cache": self.cache.state_dict(), "messages": [dict(m) for m in self.messages],
+                "last": [dict(m) for m in self._last], "system": self.system, "pinned_tokens": self.pinned_tokens}
+
+    def restore(self, state: dict, *, source: str = "the state") -> None:
+        """Continue the conversation a :meth:`state` dict holds (same model and cache sizes;
+        ValueError otherwise). The session's system prompt becomes the saved one.
+
+        Args:
+            state: a dict :meth:`state` returned (or :meth:`save` wrote); it is not kept.
+            source: what the state came from, named in the errors (a path, a store key).
+        """
+        if not isinstance(state, dict) or state.get("format") != 1:
+            raise ValueError(f"{source} is not a conversation saved by streamingllm")
+        if state["pinned_tokens"] != self.pinned_tokens and state["pinned_tokens"]:
+            raise ValueError(f"{source} pins {state['pinned_tokens']} system tokens; start the chat with --pin-system")
+        self.cache.load_state_dict(state["cache"])
+        self.messages, self._last = [dict(m) for m in state["messages"]], [dict(m) for m in state["last"]]
+        self.system = state["system"]
+
     def save(self, path, compress: bool = False) -> None:
-        """Write the conversation to ``path``: the transcript and the cache's exact state (the tokens
-        it holds, not its empty slots), so that :meth:`load` continues it with the same next-token
-        logits. ``compress``: gzip the file (lossless; smaller by what the values' bits allow)."""
-        state = {"format": 1, "cache": self.cache.state_dict(), "messages": self.messages, "last": self._last,
-                 "system": self.system, "pinned_tokens": self.pinned_tokens}
+        """Write the conversation (:meth:`state`) to ``path``: the transcript and the cache's exact
+        state, so that :meth:`load` continues it with the same next-token logits. ``compress``: gzip
+        the file (lossless; smaller by what the values' bits allow)."""
+        state = self.state()
         if not compress:
             torch.save(state, path)
             return
@@ -172,12 +195,7 @@ class Session:
             state = torch.load(io.BytesIO(data), weights_only=True)
         except (OSError, RuntimeError, EOFError, zlib.error) as err:
             raise ValueError(f"cannot read a saved conversation from {path}: {err}") from None
-        if not isinstance(state, dict) or state.get("format") != 1:
-            raise ValueError(f"{path} is not a conversation saved by streamingllm")
-        if state["pinned_tokens"] != self.pinned_tokens and state["pinned_tokens"]:
-            raise ValueError(f"{path} pins {state['pinned_tokens']} system tokens; start the chat with --pin-system")
-        self.cache.load_state_dict(state["cache"])
-        self.messages, self._last, self.system = state["messages"], state["last"], state["system"]
+        self.restore(state, source=str(path))
 
     def _encode(self, text: str):
         return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]

@@ -26,12 +26,21 @@ def register(sub) -> None:
                         "cannot reach the server ('*': any, '*.example.org': its subdomains; default: --host, "
                         "localhost, 127.0.0.1, ::1)")
     s.add_argument("--state-dir", default=None,
-                   help="save every session here after each turn; evicted and restarted sessions come back exactly")
+                   help="save every session here after each turn; evicted and restarted sessions come back exactly "
+                        "(the same as --session-store DIR; one server process per directory)")
+    s.add_argument("--session-store", default=None, metavar="URL_OR_DIR",
+                   help="where every turn is saved before it is answered: a directory (as --state-dir), or "
+                        "redis://host:port/db (rediss:// for TLS) shared by several servers or --replicas, each "
+                        "session continued exactly by whichever holds its lease; per turn Redis gets what the "
+                        "turn changed, not the whole cache (needs the 'replicas' extra)")
+    s.add_argument("--lease-ttl", type=float, default=10.0, metavar="SECONDS",
+                   help="with a Redis store: how long a server's lease on a session lasts unless renewed (every "
+                        "third of it); a server that dies holds its sessions this long before another takes them")
     s.add_argument("--max-sessions", type=int, default=64, help="sessions held in memory (LRU eviction beyond)")
     s.add_argument("--max-sessions-known", type=int, default=1024,
                    help="sessions that may exist at once, in memory or saved (POST /v1/sessions gets 429 beyond)")
     s.add_argument("--session-ttl", type=float, default=86400.0,
-                   help="seconds a session may stay idle before it expires, in memory and on disk (0: never)")
+                   help="seconds a session may stay idle before it expires, in memory and in the store (0: never)")
     s.add_argument("--max-cache-mib", type=float, default=None,
                    help="MiB of cache in memory, all sessions together (default: no limit beyond --max-sessions)")
     s.add_argument("--max-batch", type=int, default=8, help="requests generating at once, batched per step")
@@ -57,6 +66,16 @@ def register(sub) -> None:
     s.add_argument("--chunk-size", type=int, default=256, help="prompt tokens per forward pass")
     s.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level")
+    r = s.add_argument_group(
+        "replicas", "several engine replicas on Ray Serve behind one endpoint, each with its own model; a "
+        "session's requests go to the replica holding it (the 'replicas' extra: pip install 'streamingllm[replicas]')."
+        " Give them a shared --session-store redis://... so that a session outlives its replica. See docs/serving.md")
+    r.add_argument("--replicas", type=int, default=0,
+                   help="engine replicas on Ray Serve (0: this one process, no Ray)")
+    r.add_argument("--ray-address", default=None,
+                   help="join this Ray cluster (e.g. 'auto' or ray://head:10001; default: start a local one)")
+    r.add_argument("--replica-cpus", type=float, default=1.0,
+                   help="CPUs Ray reserves for each replica; also its torch threads")
     add_model_options(s, compile=True)
     add_cache_options(s)
     s.set_defaults(run=run)
@@ -74,11 +93,13 @@ def allowed_hosts(names: str | None, host: str) -> tuple[str, ...]:
 def run(args) -> int:
     from ..checks import check_int
     from ..extras import require
+    from ..serve.backends import connect, is_redis_url
     from ..serve.server import ServerSettings, build_app
 
     settings = ServerSettings(sink_size=args.sink_size, window_size=args.window_size, chunk_size=args.chunk_size,
                               max_batch=args.max_batch, max_queue=args.max_queue, max_sessions=args.max_sessions,
                               max_cache_mib=args.max_cache_mib, state_dir=args.state_dir,
+                              session_store=args.session_store, lease_ttl=args.lease_ttl,
                               session_ttl=args.session_ttl, max_sessions_known=args.max_sessions_known,
                               max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
                               max_tokens_limit=args.max_tokens_limit, temperature=args.temperature, top_k=args.top_k,
@@ -87,6 +108,11 @@ def run(args) -> int:
                               max_body_mib=args.max_body_mib, api_key=args.api_key,
                               allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), compile=args.compile).check()
     check_int("port", args.port, 0, 65535)
+    check_int("replicas", args.replicas, 0)
+    if is_redis_url(settings.session_store):  # fail before the model loads: no redis-py, or Redis not answering
+        connect(settings.session_store).close()
+    if args.replicas:
+        return run_replicas(args, settings)
     uvicorn = require("uvicorn", "the server")
     from .options import check_trained_length, load_model
 
@@ -107,3 +133,22 @@ def run(args) -> int:
     finally:
         engine.stop()
     return 0
+
+
+def run_replicas(args, settings) -> int:
+    """``--replicas N``: the server as replicas on Ray Serve (:mod:`streamingllm.serve.replicas`)."""
+    from ..checks import ArgumentError
+    from ..extras import require
+    from .options import check_trained_length
+
+    if not args.replica_cpus > 0:
+        raise ArgumentError("replica_cpus", "must be a number > 0", args.replica_cpus)
+    require("ray", "--replicas")
+    check_trained_length(args)
+    from ..serve import replicas
+
+    cli_args = {k: v for k, v in vars(args).items() if k != "run"}
+    print(f"streamingllm serve: starting {args.replicas} replicas of {args.served_model_name or args.model} on Ray "
+          f"({args.ray_address or 'a local cluster'})", file=sys.stderr, flush=True)
+    return replicas.run(cli_args, settings, host=args.host, port=args.port, replicas=args.replicas,
+                        replica_cpus=args.replica_cpus, ray_address=args.ray_address)

@@ -137,7 +137,9 @@ async def model(request: Request, model_id: str):
 
 @router.post("/v1/sessions")
 async def create_session(request: Request, body: SessionRequest | None = None):
-    return _serving(request).create_session(pin_system=bool(body and body.pin_system))
+    # the id a replicated server's ingress chose (request.state is set by the server, never a client)
+    sid = getattr(request.state, "assigned_session_id", None)
+    return _serving(request).create_session(pin_system=bool(body and body.pin_system), sid=sid)
 
 
 @router.get("/v1/sessions/{sid}")

@@ -42,6 +42,7 @@ from ..feed import decode_rows, iter_chunks, token_logprobs
 from ..sampling import TokenChooser
 from ..session import Session, Turn, stop_token_ids
 from ..text import ReplyText
+from .backends import StoreError
 from .jobs import Event, Failed, Finished, Job, SessionReport, TokenLogprob, TokenText
 from .logs import internal_error
 from .sessions import SessionStore
@@ -356,7 +357,8 @@ class Engine:
                         self.store.save(job.entry)
                 session = self._session_report(run)
         except Exception as err:  # closing or saving the turn failed: the turn is not acknowledged
-            self._fail(run, Failed(500, internal_error(err), "server_error"))
+            self._fail(run, _refusal(err) if isinstance(err, StoreError) else Failed(500, internal_error(err),
+                                                                                     "server_error"))
             return
         cached = run.turn.cached_tokens if run.turn else 0
         generated = len(run.reply.token_ids) if run.reply is not None else 0
@@ -399,6 +401,8 @@ def _refusal(err: Exception) -> Failed:
     """The failure a job gets when planning or admitting it raised ``err``."""
     if isinstance(err, RequestError):
         return Failed(err.status, str(err), err.type, err.param)
+    if isinstance(err, StoreError):  # the session store cannot serve the session now: retry later
+        return Failed(503, str(err), "overloaded_error", "session_id")
     if isinstance(err, ValueError):  # malformed messages, a pinned session's other system prompt
         return Failed(400, str(err), param="messages")
     return Failed(500, internal_error(err), "server_error")

@@ -75,3 +75,30 @@ class _StoreCounters:
                                   value=s["expired"])
         yield CounterMetricFamily("streamingllm_state_files_quarantined",
                                   "State-dir files that could not be read, renamed *.corrupt", value=s["quarantined"])
+
+
+def label_samples(texts: dict[str, str], label: str) -> str:
+    """Prometheus text expositions of several processes as one: every sample of ``texts[value]``
+    gets ``label="value"``; each metric's ``# HELP``/``# TYPE`` lines are kept once, and its samples
+    stay together (as the format requires)."""
+    families: dict[str, list[str]] = {}
+    headers: dict[str, list[str]] = {}
+    for value, text in texts.items():
+        name = None
+        for line in text.splitlines():
+            if line.startswith("# "):
+                parts = line.split(" ", 3)
+                if len(parts) >= 3 and parts[1] in ("HELP", "TYPE"):
+                    name = parts[2]
+                    headers.setdefault(name, [])
+                    if len(headers[name]) < 2 and line not in headers[name]:
+                        headers[name].append(line)
+                    families.setdefault(name, [])
+                continue
+            if not line.strip() or name is None:
+                continue
+            metric, _, rest = line.partition(" ")
+            labelled = (metric[:-1] + f',{label}="{value}"}}' if metric.endswith("}")
+                        else f'{metric}{{{label}="{value}"}}')
+            families[name].append(f"{labelled} {rest}")
+    return "".join("\n".join([*headers[n], *families[n]]) + "\n" for n in families)

@@ -22,8 +22,14 @@ class ServerSettings:
         max_queue: requests waiting beyond those before 503 (>= 0).
         max_sessions: sessions held in memory (>= 1); least recently used ones are evicted.
         max_cache_mib: MiB of cache held in memory, all sessions together (None: no limit).
-        state_dir: directory where sessions are saved after every turn and found after a restart.
-        session_ttl: seconds a session may stay idle before it expires, in memory and on disk (0: never).
+        state_dir: directory where sessions are saved after every turn and found after a restart
+            (the same as a directory ``session_store``; give one of the two).
+        session_store: where sessions are saved after every turn: a ``redis://`` or ``rediss://``
+            URL (shared by several processes, each session under a lease) or a directory.
+        lease_ttl: seconds a process's lease on a session of a Redis store lasts unless renewed (> 0):
+            how long the sessions of a process that died stay unavailable to the others.
+        owner: this process's id in the leases (None: ``host:pid:random``).
+        session_ttl: seconds a session may stay idle before it expires, in memory and in the store (0: never).
         max_sessions_known: sessions that may exist at once, in memory or saved (>= 1; 429 beyond).
         max_prompt_tokens: tokens one request may feed (413 beyond).
         max_tokens: reply limit when a request gives none (tokens).
@@ -49,6 +55,9 @@ class ServerSettings:
     max_sessions: int = 64
     max_cache_mib: float | None = None
     state_dir: str | None = None
+    session_store: str | None = None
+    lease_ttl: float = 10.0
+    owner: str | None = None
     session_ttl: float = 86400.0
     max_sessions_known: int = 1024
     max_prompt_tokens: int = 65536
@@ -81,6 +90,14 @@ class ServerSettings:
             if value is not None and not value > 0:
                 raise ArgumentError(name, "must be a number > 0", value)
         check_float("session_ttl", self.session_ttl, 0)
+        check_float("lease_ttl", self.lease_ttl, 0, open_min=True)
+        if self.state_dir is not None and self.session_store is not None:
+            raise ArgumentError("session_store", "cannot be given with state_dir (a directory store is the state "
+                                "dir): give one of them", self.session_store, mentions=("state_dir",))
+        for name in ("state_dir", "session_store", "owner"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ArgumentError(name, "must be a non-empty string", value)
         check_int("max_tokens_limit", self.max_tokens_limit, 1)
         if self.max_tokens > self.max_tokens_limit:
             raise ArgumentError("max_tokens", "must be <= max_tokens_limit", self.max_tokens,
@@ -109,6 +126,7 @@ def build_app(model, tokenizer, model_name: str, settings: ServerSettings):
     require("fastapi", "the server")
     require("prometheus_client", "the server's metrics")
     from .app import create_app
+    from .backends import open_backend
     from .engine import Engine
     from .logs import install_redaction
     from .sessions import SessionStore
@@ -118,9 +136,12 @@ def build_app(model, tokenizer, model_name: str, settings: ServerSettings):
         raise ValueError(f"{model_name} has no chat template: the server needs a chat (instruct) model")
     engine_ref = {}
     install_redaction()  # before the state dir is read: what that logs names files by session id
+    where = s.session_store or s.state_dir
+    backend = None if where is None else open_backend(where, owner=s.owner, session_ttl=s.session_ttl,
+                                                       lease_ttl=s.lease_ttl)
     store = SessionStore(lambda system, pin: engine_ref["engine"].new_session(system, pin), s.max_sessions,
-                         None if s.max_cache_mib is None else int(s.max_cache_mib * 2**20), s.state_dir,
-                         ttl=s.session_ttl, max_known=s.max_sessions_known)
+                         None if s.max_cache_mib is None else int(s.max_cache_mib * 2**20), ttl=s.session_ttl,
+                         max_known=s.max_sessions_known, backend=backend)
     engine = Engine(model, tokenizer, s.sink_size, s.window_size, store, chunk_size=s.chunk_size,
                     max_batch=s.max_batch, max_queue=s.max_queue, max_prompt_tokens=s.max_prompt_tokens,
                     max_tokens=s.max_tokens, penalty_last_n=s.penalty_last_n, compile=s.compile)

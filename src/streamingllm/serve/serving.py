@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import replace
@@ -28,12 +29,14 @@ from .protocol import (AssistantMessage, ChatCompletionChunk, ChatCompletionLogP
                        CompletionLogProbs, CompletionRequest, CompletionResponse, CompletionResponseChoice,
                        DeltaMessage, FinishReason, GenerationParams, ModelCard, ModelList, RequestDefaults,
                        UsageInfo, error_body, new_id, now)
+from .backends import StoreError
 from .sessions import SessionBusyError, SessionLimitError, SessionStore, UnknownSessionError
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                409: "conflict_error", 413: "request_too_large", 500: "server_error", 503: "overloaded_error"}
 DISCONNECT_CHECK_S = 0.5  # how often a whole (non-streamed) request checks that its client is still there
 MAX_SESSION_ID = 64  # characters; the server's ids have 29
+STORE_RETRY_S = 2  # seconds a client is told to wait when the session store failed a turn (503)
 
 
 class APIError(Exception):
@@ -49,7 +52,14 @@ class APIError(Exception):
 
     @classmethod
     def of(cls, failure: Failed) -> APIError:
-        return cls(failure.status, failure.message, failure.param, type_=failure.error_type)
+        """The error of a failed job (a 503, the session store's, says when to retry)."""
+        headers = {"Retry-After": str(STORE_RETRY_S)} if failure.status == 503 else None
+        return cls(failure.status, failure.message, failure.param, headers, failure.error_type)
+
+    @classmethod
+    def of_store(cls, err: StoreError) -> APIError:
+        """503 with Retry-After: the session store is unreachable, or another process holds the session."""
+        return cls(503, str(err), "session_id", {"Retry-After": str(max(1, math.ceil(err.retry_after)))})
 
 
 class ClientGone(Exception):
@@ -97,13 +107,16 @@ class OpenAIServing:
         return {"status": "ok", "model": self.model_name, **self.engine.load, "sink_size": self.engine.sink_size,
                 "window_size": self.engine.window_size, "defaults": self.defaults.describe()}
 
-    def create_session(self, pin_system: bool) -> dict:
-        """A new session (``pin_system``: it keeps its system prompt as attention sinks), described."""
+    def create_session(self, pin_system: bool, sid: str | None = None) -> dict:
+        """A new session (``pin_system``: it keeps its system prompt as attention sinks), described.
+        ``sid``: its id, when the server's ingress chose it (:mod:`.replicas`)."""
         try:
-            return self.store.describe(self.store.create(pin_system=pin_system))
+            return self.store.describe(self.store.create(pin_system=pin_system, sid=sid))
         except SessionLimitError as err:
             raise APIError(429, f"{err} (--max-sessions-known); delete one (DELETE /v1/sessions/{{id}}) or wait "
                                 "for idle ones to expire (--session-ttl)", type_="rate_limit_error") from None
+        except StoreError as err:
+            raise APIError.of_store(err) from None
 
     def describe_session(self, sid: str) -> dict:
         check_session_id(sid)
@@ -111,6 +124,8 @@ class OpenAIServing:
             return self.store.describe(sid)
         except UnknownSessionError:
             raise APIError(404, f"no session {sid!r}", "session_id") from None
+        except StoreError as err:
+            raise APIError.of_store(err) from None
 
     def delete_session(self, sid: str) -> dict:
         check_session_id(sid)
@@ -120,6 +135,8 @@ class OpenAIServing:
             raise APIError(404, f"no session {sid!r}", "session_id") from None
         except SessionBusyError:
             raise APIError(409, f"session {sid!r} is serving a request", "session_id") from None
+        except StoreError as err:
+            raise APIError.of_store(err) from None
         return {"id": sid, "object": "session", "deleted": True}
 
     # --- completions --------------------------------------------------------------------------
@@ -171,6 +188,8 @@ class OpenAIServing:
             raise APIError(404, f"no session {sid!r}; create one with POST /v1/sessions", "session_id") from None
         except SessionBusyError:
             raise APIError(409, f"session {sid!r} is serving another request; wait for it", "session_id") from None
+        except StoreError as err:
+            raise APIError.of_store(err) from None
 
     async def _answer(self, events: JobEvents, reply: _Reply, body: GenerationParams) -> Response:
         event = await events.next()

@@ -1,0 +1,225 @@
+"""Per-turn deltas of a session's saved state, so that a store writes per turn what the turn changed.
+
+A state is the dict :meth:`~streamingllm.session.Session.state` returns. Between two turns most of
+a layer's held slots (one slot: a token's key and value in every head) are slots of the previous
+state, often at other indexes: eviction shifts them, a decode ring keeps them in place, a
+compaction moves them. :func:`diff_state` matches the slots by content, whatever the layout
+that moved them: each slot's bits are fingerprinted, every match is checked bit for bit, and a
+new slot found in the old state becomes a reference to it (runs of consecutive slots, three ints
+a run); the others are stored as literals. A rebase rotates every window key, so its delta holds
+the whole window: that is a compaction point anyway. Sinks, timelines and the small fields are
+stored whole; messages only as what was appended.
+
+``apply_delta(old, diff_state(old, new))`` equals ``new`` bit for bit (:func:`states_equal`).
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+
+import torch
+
+FORMAT = 1
+_INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bit views, by element size
+_HASHED = 64  # columns of a slot's bits that bucket it (the match then compares them all)
+
+
+def encode(obj) -> bytes:
+    """``obj`` (a state or a delta: dicts, lists, tensors, numbers, strings) as ``torch.save`` bytes."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def decode(data: bytes, map_location=None):
+    """What :func:`encode` wrote, read with ``weights_only=True`` (no code runs).
+
+    Args:
+        data: the bytes.
+        map_location: where the tensors go (a device or its name); None: where they were.
+
+    Raises ValueError when ``data`` is not such bytes.
+    """
+    try:
+        return torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError) as err:  # torch's, for bad bytes
+        raise ValueError(f"cannot decode a saved state or delta: {err}".split("\n")[0]) from None
+
+
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists and tuples): what a delta stores."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(x) for x in obj.values())
+    return sum(tensor_bytes(x) for x in obj) if isinstance(obj, (list, tuple)) else 0
+
+
+def states_equal(a, b) -> bool:
+    """True when ``a`` and ``b`` are equal bit for bit: tensors of the same dtype, shape and bits
+    (so ``-0.0`` differs from ``0.0`` and a NaN equals itself), containers of the same type, and
+    the other values ``==``."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(_bits(a), _bits(b.to(a.device))))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(states_equal(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and type(a) is type(b):
+        return len(a) == len(b) and all(states_equal(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
+
+
+def rebased(old: dict | None, new: dict) -> bool:
+    """True when some layer group's position frame moved back between the two states (a rebase,
+    which rotates every window key: the delta then holds the whole window)."""
+    if not old:
+        return False
+    drift = [[t["frame_next"] - t["seen"] for t in s["cache"]["timelines"]] for s in (old, new)]
+    return len(drift[0]) == len(drift[1]) and any(n < o for o, n in zip(*drift))
+
+
+def diff_state(old: dict | None, new: dict) -> dict:
+    """The delta that turns state ``old`` into state ``new`` (:func:`apply_delta`).
+
+    Args:
+        old: the previous state (:meth:`~streamingllm.session.Session.state`), or None for none:
+            the delta then holds ``new`` whole, as it does when the caches do not match.
+        new: the current state.
+
+    The delta shares ``new``'s small tensors (sinks) and copies the literal slots.
+    """
+    if not _comparable(old, new):
+        return {"delta": FORMAT, "whole": new}
+    cache = new["cache"]
+    n_old = len(old["messages"])
+    appended = new["messages"][:n_old] == old["messages"]
+    return {"delta": FORMAT,
+            "base": {"timelines": old["cache"]["timelines"], "messages": n_old},
+            "fields": {k: v for k, v in new.items() if k not in ("cache", "messages")},
+            "cache": {k: v for k, v in cache.items() if k != "layers"},
+            "layers": [_diff_layer(a, b) for a, b in zip(old["cache"]["layers"], cache["layers"])],
+            "messages": {"keep": n_old if appended else 0,
+                         "added": [dict(m) for m in new["messages"][n_old if appended else 0 :]]}}
+
+
+def apply_delta(old: dict | None, delta: dict) -> dict:
+    """The state :func:`diff_state` made ``delta`` from: ``delta`` applied to ``old`` (None for a
+    whole delta). Neither is changed; the result may share tensors with both. Raises ValueError
+    for a delta of another format, made against another state, or inconsistent."""
+    if not isinstance(delta, dict) or delta.get("delta") != FORMAT:
+        raise ValueError(f"apply_delta: not a state delta of format {FORMAT}")
+    if "whole" in delta:
+        return delta["whole"]
+    base = delta["base"]
+    if old is None or old["cache"]["timelines"] != base["timelines"] or len(old["messages"]) != base["messages"]:
+        raise ValueError("apply_delta: the delta was made against another state (its timelines or message "
+                         "count differ): apply the deltas in order, onto the state they were made from")
+    keep = delta["messages"]["keep"]
+    layers = old["cache"]["layers"]
+    if len(layers) != len(delta["layers"]):
+        raise ValueError(f"apply_delta: the delta has {len(delta['layers'])} layers, the state {len(layers)}")
+    return {**delta["fields"],
+            "cache": {**delta["cache"], "layers": [_apply_layer(a, e, i) for i, (a, e) in
+                                                   enumerate(zip(layers, delta["layers"]))]},
+            "messages": [dict(m) for m in old["messages"][:keep] + delta["messages"]["added"]]}
+
+
+def _comparable(old: dict | None, new: dict) -> bool:
+    """A delta against ``old`` makes sense: both hold a cache of the same number of layers."""
+    if not old or old["cache"].get("sinks") is None or new["cache"].get("sinks") is None:
+        return False
+    return len(old["cache"]["layers"]) == len(new["cache"]["layers"]) and "timelines" in old["cache"]
+
+
+def _same_slots(a: tuple | None, b: tuple) -> bool:
+    """Layers whose slots can be compared: batch, heads, head size and dtypes alike."""
+    if a is None:
+        return False
+    return all(x.dim() == 4 and x.shape[:2] == y.shape[:2] and x.shape[3] == y.shape[3] and x.dtype == y.dtype
+               for x, y in zip(a[:2], b[:2]))
+
+
+def _diff_layer(old: tuple | None, new: tuple | None) -> dict | None:
+    """One layer's entry: None (not initialised), ``whole``, or ``runs`` of references to the old
+    slots ((new index, old index, length) rows) and the literal slots' ``keys`` and ``values``."""
+    if new is None:
+        return None
+    if not _same_slots(old, new):
+        return {"whole": new}
+    keys, values, sink_values = new
+    src = _match(_slot_rows(*(t.to(keys.device) for t in old[:2])), _slot_rows(keys, values))
+    literal = (src < 0).nonzero().squeeze(1)
+    return {"slots": keys.shape[2], "runs": _runs(src.cpu()), "keys": keys.index_select(2, literal),
+            "values": values.index_select(2, literal), "sink_values": sink_values}
+
+
+def _apply_layer(old: tuple | None, entry: dict | None, index: int) -> tuple | None:
+    """The layer ``entry`` (:func:`_diff_layer`) describes, with its references read from ``old``."""
+    if entry is None or "whole" in entry:
+        return None if entry is None else entry["whole"]
+    lit_keys, lit_values, slots = entry["keys"], entry["values"], entry["slots"]
+    if not _same_slots(old, (lit_keys, lit_values)):
+        raise ValueError(f"apply_delta: layer {index} of the state does not match the delta's slots")
+    old_keys, old_values = (t.to(lit_keys.device) for t in old[:2])
+    keys = lit_keys.new_empty(*lit_keys.shape[:2], slots, lit_keys.shape[3])
+    values = lit_values.new_empty(*lit_values.shape[:2], slots, lit_values.shape[3])
+    covered = torch.zeros(slots, dtype=torch.bool)
+    for at, src, n in entry["runs"].tolist():
+        if n < 1 or at < 0 or src < 0 or at + n > slots or src + n > old_keys.shape[2] or covered[at : at + n].any():
+            raise ValueError(f"apply_delta: layer {index} has a reference run outside the slots or overlapping "
+                             f"another: (at {at}, from {src}, length {n}) of {slots} slots from {old_keys.shape[2]}")
+        covered[at : at + n] = True
+        keys[:, :, at : at + n] = old_keys[:, :, src : src + n]
+        values[:, :, at : at + n] = old_values[:, :, src : src + n]
+    free = (~covered).nonzero().squeeze(1).to(keys.device)
+    if len(free) != lit_keys.shape[2] or lit_values.shape[2] != lit_keys.shape[2]:
+        raise ValueError(f"apply_delta: layer {index} has {len(free)} slots not referenced but "
+                         f"{lit_keys.shape[2]} literal ones")
+    keys[:, :, free], values[:, :, free] = lit_keys, lit_values
+    return keys, values, entry["sink_values"]
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t``'s elements as integers of the same size: their bits, compared exactly."""
+    flat = t.reshape(-1)
+    return flat.view(_INTS[t.element_size()]) if t.element_size() in _INTS and not t.is_complex() else flat
+
+
+def _slot_rows(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """(slots, batch * heads * head_dim * 2) integers: each slot's key and value bits, one row a slot."""
+    rows = [_bits(t.movedim(2, 0).contiguous()).view(t.shape[2], t.shape[0] * t.shape[1] * t.shape[3])
+            for t in (keys, values)]
+    return torch.cat(rows if rows[0].dtype == rows[1].dtype else [r.to(torch.int64) for r in rows], 1)
+
+
+def _match(old_rows: torch.Tensor, new_rows: torch.Tensor) -> torch.Tensor:
+    """For each new row the index of an old row with the same bits, or -1 (int64, new rows long).
+
+    A random odd-coefficient sum (wrapping in int64) of up to :data:`_HASHED` evenly spread
+    columns buckets the rows; every candidate is then compared whole, bit for bit, so a collision
+    only costs a literal, never a wrong slot."""
+    if not len(old_rows) or not len(new_rows):
+        return torch.full((len(new_rows),), -1, dtype=torch.int64, device=new_rows.device)
+    width = old_rows.shape[1]
+    cols = torch.linspace(0, width - 1, min(width, _HASHED)).long().unique().to(new_rows.device)
+    gen = torch.Generator().manual_seed(width)
+    coeff = (torch.randint(0, 1 << 31, (len(cols),), generator=gen) * 2 + 1).to(new_rows.device)
+    old_h, new_h = ((rows[:, cols].to(torch.int64) * coeff).sum(1) for rows in (old_rows, new_rows))
+    sorted_h, order = old_h.sort()
+    pos = torch.searchsorted(sorted_h, new_h).clamp(max=len(sorted_h) - 1)
+    src = torch.where(sorted_h[pos] == new_h, order[pos], -1)
+    same = (old_rows[src.clamp(min=0)] == new_rows).all(1)
+    return torch.where(same & (src >= 0), src, -1)
+
+
+def _runs(src: torch.Tensor) -> torch.Tensor:
+    """(runs, 3) int64 rows (new index, old index, length): the maximal runs of consecutive new
+    slots that reference consecutive old slots (``src``: :func:`_match`'s answer)."""
+    ref = src >= 0
+    cont = torch.zeros_like(ref)
+    cont[1:] = ref[1:] & ref[:-1] & (src[1:] == src[:-1] + 1)
+    start = ref & ~cont
+    at = start.nonzero().squeeze(1)
+    lengths = torch.bincount((torch.cumsum(start.long(), 0) - 1)[ref], minlength=len(at))
+    return torch.stack([at, src[at], lengths], 1)
