@@ -4,8 +4,32 @@ commands write."""
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
+
+# The modules that share tests/serve/conftest.py's package-scoped server: one xdist worker runs them
+# all, so the server starts once.
+SHARED_SERVER_MODULES = {"test_api.py", "test_client.py", "test_page.py"}
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (``-n 2``), each worker and the servers it starts use one thread: two
+    workers of two threads each on two cores would fight over them."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``--dist loadgroup``, a module's tests stay on one worker (its module fixtures, a loaded
+    model or a started server, are made once), and so do the modules sharing the serve package's
+    server."""
+    for item in items:
+        shared = item.path.parent.name == "serve" and item.path.name in SHARED_SERVER_MODULES
+        item.add_marker(pytest.mark.xdist_group("serve-server" if shared else str(item.path)))
 
 
 def _read_csv(path):

@@ -23,11 +23,12 @@ from streamingllm.cache import SinkCache
 from streamingllm.checks import ArgumentError
 from streamingllm.extras import MissingExtraError
 from streamingllm.feed import prefill
-from streamingllm.serve.backends import (_DIR_LOCKS, DirBackend, LeaseLostError, RedisBackend, SessionOwnedError,
+from streamingllm.serve.backends import (DirBackend, LeaseLostError, RedisBackend, SessionOwnedError,
                                          StoreUnavailableError, connect, keys_of)
 from streamingllm.serve.delta import encode
 from streamingllm.serve.server import ServerSettings
 from streamingllm.serve.sessions import SessionStore
+from streamingllm.serve.state_dir import _DIR_LOCKS
 from streamingllm.session import Session
 
 redis = redis_fixture("module")
@@ -278,6 +279,33 @@ def _turn(store: SessionStore, sid: str, text: str) -> None:
     store.save(entry)
     store.release(entry)
 
+
+def test_a_clean_stop_hands_the_leases_over_at_once(redis, new_session, model_and_tokenizer):
+    """A stopped engine closes its store: its leases (30 s long) are released, and another owner
+    takes the session over at once, with its last turn. Before the stop the other is refused."""
+    from streamingllm.serve.engine import Engine
+
+    model, tokenizer = model_and_tokenizer
+    stores = [SessionStore(lambda system, pin: new_session(), backend=RedisBackend(redis.url, owner=o, lease_ttl=30))
+              for o in "AB"]
+    a, b = stores
+    try:
+        sid = a.create()
+        _turn(a, sid, "hello")  # the session stays in A's memory, under A's lease
+        with pytest.raises(SessionOwnedError):
+            b.claim(sid)
+        engine = Engine(model, tokenizer, 4, 28, a, compile="off")
+        engine.start()
+        engine.stop()
+        assert not a.backend._renewer.is_alive()
+        start = time.monotonic()
+        entry = b.claim(sid)
+        session, restored = b.session(entry, None)
+        assert time.monotonic() - start < 5 and restored and session.messages[-2]["content"] == "hello"
+        b.release(entry)
+    finally:
+        for s in stores:
+            s.close()
 
 def test_redis_down_then_back(tmp_path, new_session, model_and_tokenizer):
     """Redis killed (SIGKILL): the backend fails fast with StoreUnavailableError (a 503 with

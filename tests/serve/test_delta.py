@@ -132,6 +132,31 @@ def test_a_short_turn_writes_about_its_slots(tokenizer):
     assert states_equal(apply_delta(prev, delta), cur)
 
 
+def test_a_turns_delta_does_not_grow_with_the_conversation(tokenizer):
+    """The delta of a short turn ("ok", no rebase) after 20 turns is about as large encoded as
+    after 2 (the bound: by less than half of what the old transcript takes encoded): messages
+    are stored as what the turn appended, and ``last`` holds only the last turn's. Negative
+    control: the transcript stored whole breaks the bound."""
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    live, sizes = _session(model, tokenizer), {}
+    for i, text in enumerate(_messages(26, seed=2, long_every=100)):
+        "".join(live.reply(text))
+        prev = live.state()
+        "".join(live.reply("ok"))
+        cur = live.state()
+        delta = diff_state(prev, cur)
+        assert states_equal(apply_delta(prev, delta), cur) and len(delta["messages"]["added"]) == 2
+        assert [m["content"] for m in cur["last"]][0] == "ok" and len(cur["last"]) == 2
+        if not rebased(prev, cur) and i >= (2 if not sizes else 20):  # turn 2's delta, then turn 20's
+            sizes[len(sizes)] = len(encode(delta)), len(encode(prev["messages"]))
+            if len(sizes) == 2:
+                break
+    (early, _), (late, transcript) = sizes[0], sizes[1]
+    assert len(prev["messages"]) > 80 and late - early < transcript / 2, sizes
+    whole = {**delta, "messages": {"keep": 0, "added": cur["messages"]}}
+    assert len(encode(whole)) - early >= transcript / 2 and states_equal(apply_delta(prev, whole), cur)
+
+
 def test_corrupted_or_misapplied_deltas_are_refused_or_differ(tokenizer):
     """Negative controls: a reference outside the slots is refused, one moved inside them gives
     another state, a delta applied to a state it was not made from is refused, and the equality

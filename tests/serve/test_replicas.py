@@ -159,6 +159,30 @@ def test_chat_with_server_continues_a_session_on_the_cluster(cluster):
     assert cluster.http("GET", f"/v1/sessions/{sid}").json()["turns"] == 2
 
 
+def test_overload_past_every_replicas_bound_is_503_with_retry_after(cluster):
+    """--max-batch 4 --max-queue 2: each replica is sent at most 6 requests, the router queues 2
+    more; beyond that a request is refused at once, and the others are served."""
+    import threading
+
+    results = []
+
+    def ask(i):
+        r = cluster.http("POST", "/v1/chat/completions", json={"model": MODEL, "max_tokens": 30, "min_tokens": 30,
+                                                               "messages": [{"role": "user", "content": f"Count to {i}."}]})
+        results.append(r)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(200) >= 12 and set(codes) <= {200, 503}, codes
+    refused = [r for r in results if r.status_code == 503]
+    assert refused and all(r.headers["retry-after"].isdigit() and r.json()["error"]["type"] == "overloaded_error"
+                           for r in refused)
+
+
 def test_redis_stopped_then_restarted(cluster, redis_server):
     sid, _ = new_session(cluster)
     messages = [{"role": "user", "content": "Remember the word tangerine."}]

@@ -178,6 +178,28 @@ def test_never_expire_with_ttl_0(tmp_path):
     assert store.describe(sid)["id"] == sid
 
 
+def test_the_bytes_written_to_the_store_are_a_metric(tmp_path):
+    """/metrics' streamingllm_store_bytes_written_total: the bytes of each committed turn's files
+    (0 before the first; the session's creation is not a turn)."""
+    pytest.importorskip("prometheus_client")
+    from streamingllm.serve.metrics import Metrics
+
+    store = _store(tmp_path)
+    metrics = Metrics(lambda: {**store.counts(), "running": 0, "waiting": 0})
+
+    def written() -> float:
+        lines = metrics.render().decode().splitlines()
+        return float(next(x for x in lines if x.startswith("streamingllm_store_bytes_written_total ")).split()[1])
+
+    sid = store.create()
+    assert written() == 0
+    _turn(store, sid, "one")
+    on_disk = sum(p.stat().st_size for p in tmp_path.iterdir())
+    assert written() == store.counts()["store_bytes_written"] == on_disk > 0
+    _turn(store, sid, "two")
+    assert written() == on_disk + sum(p.stat().st_size for p in tmp_path.iterdir())
+    store.close()
+
 def test_the_sessions_known_are_bounded(tmp_path):
     clock = Clock()
     store = _store(tmp_path, ttl=100, max_known=2, clock=clock)

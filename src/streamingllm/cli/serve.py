@@ -90,25 +90,31 @@ def allowed_hosts(names: str | None, host: str) -> tuple[str, ...]:
     return tuple(n.strip().lower() for n in names.split(","))
 
 
+def settings_from_args(args):
+    """The :class:`~streamingllm.serve.server.ServerSettings` of ``streamingllm serve``'s options, checked."""
+    from ..serve.server import ServerSettings
+
+    return ServerSettings(
+        sink_size=args.sink_size, window_size=args.window_size, chunk_size=args.chunk_size, max_batch=args.max_batch,
+        max_queue=args.max_queue, max_sessions=args.max_sessions, max_cache_mib=args.max_cache_mib,
+        state_dir=args.state_dir, session_store=args.session_store, lease_ttl=args.lease_ttl,
+        session_ttl=args.session_ttl, max_sessions_known=args.max_sessions_known,
+        max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens, max_tokens_limit=args.max_tokens_limit,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, penalty_last_n=args.penalty_last_n,
+        max_body_mib=args.max_body_mib, api_key=args.api_key,
+        allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), compile=args.compile).check()
+
+
 def run(args) -> int:
     from ..checks import check_int
     from ..extras import require
     from ..serve.backends import connect, is_redis_url
-    from ..serve.server import ServerSettings, build_app
+    from ..serve.server import build_app
 
-    settings = ServerSettings(sink_size=args.sink_size, window_size=args.window_size, chunk_size=args.chunk_size,
-                              max_batch=args.max_batch, max_queue=args.max_queue, max_sessions=args.max_sessions,
-                              max_cache_mib=args.max_cache_mib, state_dir=args.state_dir,
-                              session_store=args.session_store, lease_ttl=args.lease_ttl,
-                              session_ttl=args.session_ttl, max_sessions_known=args.max_sessions_known,
-                              max_prompt_tokens=args.max_prompt_tokens, max_tokens=args.max_tokens,
-                              max_tokens_limit=args.max_tokens_limit, temperature=args.temperature, top_k=args.top_k,
-                              top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-                              penalty_last_n=args.penalty_last_n,
-                              max_body_mib=args.max_body_mib, api_key=args.api_key,
-                              allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), compile=args.compile).check()
+    settings = settings_from_args(args)
     check_int("port", args.port, 0, 65535)
-    check_int("replicas", args.replicas, 0)
+    check_replicas(args, settings)
     if is_redis_url(settings.session_store):  # fail before the model loads: no redis-py, or Redis not answering
         connect(settings.session_store).close()
     if args.replicas:
@@ -135,14 +141,27 @@ def run(args) -> int:
     return 0
 
 
+def check_replicas(args, settings) -> None:
+    """Refuse replica options that cannot work, naming them: a negative count, no CPUs, and more
+    than one replica on a state directory (it belongs to one process; share a Redis store)."""
+    from ..checks import ArgumentError, check_int
+    from ..serve.backends import is_redis_url
+
+    check_int("replicas", args.replicas, 0)
+    if not args.replica_cpus > 0:
+        raise ArgumentError("replica_cpus", "must be a number > 0", args.replica_cpus)
+    where = settings.session_store or settings.state_dir
+    if args.replicas > 1 and where is not None and not is_redis_url(where):
+        raise ArgumentError("session_store", f"must be a redis:// URL that every replica shares when replicas is "
+                            f"more than 1 (here {args.replicas}): a state_dir belongs to one process", where,
+                            mentions=("replicas", "state_dir"))
+
+
 def run_replicas(args, settings) -> int:
     """``--replicas N``: the server as replicas on Ray Serve (:mod:`streamingllm.serve.replicas`)."""
-    from ..checks import ArgumentError
     from ..extras import require
     from .options import check_trained_length
 
-    if not args.replica_cpus > 0:
-        raise ArgumentError("replica_cpus", "must be a number > 0", args.replica_cpus)
     require("ray", "--replicas")
     check_trained_length(args)
     from ..serve import replicas

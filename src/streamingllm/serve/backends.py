@@ -4,8 +4,9 @@
 each session's metadata, its saved state, a commit per turn that either stores the turn or
 raises, and leases, so that two processes never both write one session.
 
-* :class:`DirBackend`: a local state directory (:class:`~.state_dir.StateDir`, whole states).
-  One process serves a directory: it locks it at start (``flock``), and holds every session.
+* :class:`~.state_dir.DirBackend`: a local state directory (:class:`~.state_dir.StateDir`, whole
+  states). One process serves a directory: it locks it at start (``flock``), and holds every
+  session. It lives with the directory's code and is re-exported here.
 * :class:`RedisBackend`: Redis, shared by several processes (replicas). A session is four keys
   with one hash tag (``streamingllm:{sess-X}:meta|base|log|lease``, so Redis Cluster keeps them on
   one node) and its transcript (``:messages``). A turn appends the delta from the previous
@@ -19,7 +20,6 @@ raises, and leases, so that two processes never both write one session.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import math
@@ -29,11 +29,11 @@ import socket
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from .state_dir import FORMAT, Record, StateDir
+from .state_dir import FORMAT, Record
+from .state_dir import DirBackend, StateDirInUseError  # noqa: F401 (their old home: imports keep working)
 
 log = logging.getLogger(__name__)  # whole messages (f-strings): the server redacts the session ids in them
 
@@ -57,10 +57,6 @@ class StoreUnavailableError(StoreError, ConnectionError):
 class LeaseLostError(StoreError):
     """Our lease on the session expired and another process may have written it: the commit is
     refused, and the turn is not acknowledged."""
-
-
-class StateDirInUseError(OSError):
-    """Another process serves the state directory."""
 
 
 class SessionBackend(Protocol):
@@ -112,109 +108,6 @@ class SessionBackend(Protocol):
 
     def close(self) -> None:
         """Release every lease and the store's resources."""
-
-
-# --- the state directory -----------------------------------------------------------------------
-
-_DIR_LOCKS: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [fd, users in this process]
-_DIR_LOCKS_GUARD = threading.Lock()
-
-
-def _lock_dir(path: Path) -> tuple[int, int]:
-    """Lock directory ``path`` for this process (its key in :data:`_DIR_LOCKS`); several
-    backends of one process share the lock, another process gets StateDirInUseError."""
-    st = os.stat(path)
-    key = (st.st_dev, st.st_ino)
-    with _DIR_LOCKS_GUARD:
-        if key in _DIR_LOCKS:
-            _DIR_LOCKS[key][1] += 1
-            return key
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the directory itself: no lock file among the sessions'
-        except BlockingIOError:
-            os.close(fd)
-            raise StateDirInUseError(f"the state dir {path} is in use by another server process; give each server "
-                                     "its own directory, or share sessions with --session-store redis://...") from None
-        _DIR_LOCKS[key] = [fd, 1]
-        return key
-
-
-def _unlock_dir(key: tuple[int, int]) -> None:
-    with _DIR_LOCKS_GUARD:
-        held = _DIR_LOCKS.get(key)
-        if held is not None:
-            held[1] -= 1
-            if held[1] == 0:
-                os.close(_DIR_LOCKS.pop(key)[0])  # closing the last descriptor releases the flock
-
-
-class DirBackend:
-    """Sessions in a local state directory (:class:`~.state_dir.StateDir`), whole states; this
-    process holds every session (the directory's lock is its one lease).
-
-    Args:
-        path: the directory (created owner-only).
-    """
-
-    shared = False
-
-    def __init__(self, path: str | os.PathLike):
-        self.files = StateDir(path)
-        self.path = self.files.path
-        self._lock = _lock_dir(self.path)
-        self.bytes_written = self.last_bytes = 0
-
-    @property
-    def quarantined(self) -> int:
-        return self.files.quarantined
-
-    def scan(self) -> list[Record]:
-        return self.files.scan()
-
-    def lookup(self, sid: str) -> Record | None:
-        meta = self.files.read_meta(sid)
-        if meta is None:
-            return None
-        return Record(sid, meta, has_cache=self.files.cache_path(sid, meta.get("version", 0)).exists())
-
-    def create(self, sid: str, meta: dict) -> None:
-        if self.files.meta_path(sid).exists():
-            raise ValueError("the session id given exists already")
-        self.files.write_meta(sid, meta)
-
-    def read_meta(self, sid: str) -> dict | None:
-        return self.files.read_meta(sid)
-
-    def load(self, sid: str, version: int, session) -> None:
-        session.load(self.files.cache_path(sid, version))
-
-    def save(self, sid: str, version: int, meta: dict, session) -> int:
-        new = self.files.save(sid, version, meta, session)
-        try:
-            written = sum(p.stat().st_size for p in (self.files.cache_path(sid, new), self.files.meta_path(sid)))
-        except OSError:  # committed; only the count is lost
-            written = 0
-        self.last_bytes = written
-        self.bytes_written += written
-        return new
-
-    def remove(self, sid: str, version: int) -> None:
-        self.files.remove(sid, version)
-
-    def acquire(self, sid: str) -> None:
-        pass  # the directory's lock, taken at start, covers every session
-
-    def renew(self) -> None:
-        pass
-
-    def release(self, sid: str) -> None:
-        pass
-
-    def close(self) -> None:
-        if self._lock is not None:
-            _unlock_dir(self._lock)
-            self._lock = None
 
 
 # --- Redis ---------------------------------------------------------------------------------------
@@ -396,7 +289,7 @@ class RedisBackend:
         self._held[sid] = _Held(version, state, len(base), sum(map(len, deltas)))
 
     def save(self, sid: str, version: int, meta: dict, session) -> int:
-        from .delta import diff_state, encode
+        from .delta import appended, diff_state, encode
 
         state = session.state()
         held = self._held.get(sid)
@@ -405,9 +298,8 @@ class RedisBackend:
         whole = blob is None or held.log_bytes + len(blob) > self.compact_ratio * held.base_bytes
         if whole:
             blob = encode(state)
-        old = None if prev is None else prev["messages"]
-        keep = len(old) if old is not None and state["messages"][: len(old)] == old else 0
-        added = [json.dumps(m) for m in state["messages"][keep:]]
+        transcript = appended([] if prev is None else prev["messages"], state["messages"])
+        keep, added = transcript["keep"], [json.dumps(m) for m in transcript["added"]]
         text = json.dumps({**meta, "messages": None, "format": FORMAT, "version": version + 1})
         args = [self.owner, version, text, "base" if whole else "log", blob, self.session_ms, keep, *added]
         with self._reachable("the session store is unreachable; the turn was not saved"):
@@ -464,6 +356,7 @@ class RedisBackend:
 
     def close(self) -> None:
         self._stop.set()
+        self._renewer.join(timeout=self.lease_ms / 1000)  # a renewal under way would log the released leases as lost
         with self._guard:
             held = list(self._leases)
         for sid in held:

@@ -8,7 +8,9 @@ that moved them: each slot's bits are fingerprinted, every match is checked bit 
 new slot found in the old state becomes a reference to it (runs of consecutive slots, three ints
 a run); the others are stored as literals. A rebase rotates every window key, so its delta holds
 the whole window: that is a compaction point anyway. Sinks, timelines and the small fields are
-stored whole; messages only as what was appended.
+stored whole (``last``, what the chat template's next delta is computed against, holds the last
+turn's messages: the whole history only after a rebuild, whose delta stores the messages whole
+anyway); messages only as what was appended (:func:`appended`).
 
 ``apply_delta(old, diff_state(old, new))`` equals ``new`` bit for bit (:func:`states_equal`).
 """
@@ -92,15 +94,12 @@ def diff_state(old: dict | None, new: dict) -> dict:
     if not _comparable(old, new):
         return {"delta": FORMAT, "whole": new}
     cache = new["cache"]
-    n_old = len(old["messages"])
-    appended = new["messages"][:n_old] == old["messages"]
     return {"delta": FORMAT,
-            "base": {"timelines": old["cache"]["timelines"], "messages": n_old},
+            "base": {"timelines": old["cache"]["timelines"], "messages": len(old["messages"])},
             "fields": {k: v for k, v in new.items() if k not in ("cache", "messages")},
             "cache": {k: v for k, v in cache.items() if k != "layers"},
             "layers": [_diff_layer(a, b) for a, b in zip(old["cache"]["layers"], cache["layers"])],
-            "messages": {"keep": n_old if appended else 0,
-                         "added": [dict(m) for m in new["messages"][n_old if appended else 0 :]]}}
+            "messages": appended(old["messages"], new["messages"])}
 
 
 def apply_delta(old: dict | None, delta: dict) -> dict:
@@ -123,6 +122,14 @@ def apply_delta(old: dict | None, delta: dict) -> dict:
             "cache": {**delta["cache"], "layers": [_apply_layer(a, e, i) for i, (a, e) in
                                                    enumerate(zip(layers, delta["layers"]))]},
             "messages": [dict(m) for m in old["messages"][:keep] + delta["messages"]["added"]]}
+
+
+def appended(old: list[dict], new: list[dict]) -> dict:
+    """Transcript ``new`` as what it appends to ``old``: ``{"keep": n, "added": messages}``, where
+    ``new`` is ``old[:keep] + added``; ``keep`` is ``len(old)`` when ``old`` is a prefix of ``new``,
+    else 0 (an edited history is stored whole). The messages are copies."""
+    keep = len(old) if new[: len(old)] == old else 0
+    return {"keep": keep, "added": [dict(m) for m in new[keep:]]}
 
 
 def _comparable(old: dict | None, new: dict) -> bool:

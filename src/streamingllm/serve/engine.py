@@ -140,11 +140,15 @@ class Engine:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop the threads, then close the session store (:meth:`SessionStore.close`): a shared
+        store's leases are handed back now, not after they expire (a turn still being served
+        after the wait loses its lease then: a shared store refuses its commit, unacknowledged)."""
         self._stopping.set()
         self._intake.put(None)
         self._waiting.put(None)
         self._intake_thread.join(timeout=30)
         self._thread.join(timeout=30)
+        self.store.close()
 
     @property
     def load(self) -> dict:

@@ -12,9 +12,9 @@ class Metrics:
     """Counters, gauges and latency histograms; the gauges are read from ``state()`` at scrape time.
 
     Args:
-        state: ``state() -> dict`` with ``known``, ``resident``, ``kv_bytes``, ``cache_fill``,
-            ``expired``, ``quarantined``, ``running``, ``waiting`` (the session store's and the
-            engine's counts).
+        state: ``state() -> dict`` with ``known``, ``resident``, ``kv_bytes`` (bytes),
+            ``cache_fill``, ``expired``, ``quarantined``, ``store_bytes_written`` (bytes),
+            ``running``, ``waiting`` (the session store's and the engine's counts).
     """
 
     def __init__(self, state):
@@ -75,6 +75,9 @@ class _StoreCounters:
                                   value=s["expired"])
         yield CounterMetricFamily("streamingllm_state_files_quarantined",
                                   "State-dir files that could not be read, renamed *.corrupt", value=s["quarantined"])
+        yield CounterMetricFamily("streamingllm_store_bytes_written",
+                                  "Bytes this process wrote to the session store (turn commits)",
+                                  value=s["store_bytes_written"])
 
 
 def label_samples(texts: dict[str, str], label: str) -> str:

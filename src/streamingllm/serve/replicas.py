@@ -78,6 +78,13 @@ class ReplicaBoard:
         return {r: v for r, v in self.reports.items() if now - v["at"] <= max_age_s}
 
 
+def board():
+    """The cluster's :class:`ReplicaBoard`, made by whichever part of the application starts first
+    (detached: it does not die with the process that made it; ``streamingllm serve`` kills it)."""
+    return ReplicaBoard.options(name=BOARD_NAME, namespace=NAMESPACE, get_if_exists=True,
+                                lifetime="detached").remote()
+
+
 async def call_asgi(app, method: str, path: str, query: str, headers: list[tuple[str, str]], body: bytes,
                     state: dict | None = None) -> AsyncIterator[dict]:
     """Run one HTTP request through the ASGI application ``app`` in this process, yielding the
@@ -149,7 +156,7 @@ class EngineReplica:
         self.app, self.engine = build_app(model, tokenizer, name, replace(settings, api_key=None, allowed_hosts=None,
                                                                             owner=owner))
         self._stop = threading.Event()
-        self.board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+        self.board = board()
         threading.Thread(target=self._report_loop, name="streamingllm-report", daemon=True).start()
 
     def _report_loop(self) -> None:
@@ -275,7 +282,7 @@ def ingress_class(app: FastAPI, retry_after: int):
 
         def __init__(self, engine):
             self.engine = engine
-            self.board = ray.get_actor(BOARD_NAME, namespace=NAMESPACE)
+            self.board = board()
             self.failures = {"replica_gone": 0, "overloaded": 0}  # 503s the ingress answered itself
 
         @app.get("/health")
@@ -375,7 +382,6 @@ def run(cli_args: dict, settings: ServerSettings, *, host: str, port: int, repli
     local = {} if ray_address else {"object_store_memory": LOCAL_OBJECT_STORE_BYTES}
     ray.init(address=ray_address, namespace=NAMESPACE, include_dashboard=False, log_to_driver=False,
              logging_level=logging.WARNING, **local)
-    board = ReplicaBoard.options(name=BOARD_NAME).remote()  # noqa: F841 (lives as long as this driver)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -387,7 +393,34 @@ def run(cli_args: dict, settings: ServerSettings, *, host: str, port: int, repli
         stop.wait()
     finally:
         try:
-            serve.shutdown()
+            serve.delete("streamingllm")
+            ray.kill(board())
+            if ray_address is None:  # our own cluster: Serve goes with it
+                serve.shutdown()
         finally:
             ray.shutdown()
     return 0
+
+
+def application(args: dict):
+    """A Ray Serve application builder, for ``serve run`` and KubeRay's RayService:
+    ``serve run streamingllm.serve.replicas:application replicas=2 session_store=redis://redis:6379/0``.
+
+    Args:
+        args: ``streamingllm serve``'s options by their long names (``window_size=1020``;
+            ``True`` for a flag); ``replicas`` defaults to 1. HTTP's host and port are Serve's
+            (its config's ``http_options``), not these.
+    """
+    from ..cli import build_parser
+    from ..cli.serve import check_replicas, settings_from_args
+
+    argv = ["serve"]
+    for key, value in args.items():
+        flag = "--" + key.replace("_", "-")
+        argv += [flag] if value is True else [] if value is False else [flag, str(value)]
+    options = build_parser().parse_args(argv)
+    options.replicas = options.replicas or 1
+    settings = settings_from_args(options)
+    check_replicas(options, settings)
+    return deployments({k: v for k, v in vars(options).items() if k != "run"}, settings, options.replicas,
+                       options.replica_cpus)

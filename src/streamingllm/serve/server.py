@@ -120,7 +120,8 @@ class ServerSettings:
 
 
 def build_app(model, tokenizer, model_name: str, settings: ServerSettings):
-    """``(app, engine)``: the FastAPI application over a started engine (stop it with ``engine.stop()``)."""
+    """``(app, engine)``: the FastAPI application over a started engine (stop it with ``engine.stop()``,
+    which closes the session store too: its leases are handed back at once)."""
     from ..extras import require
 
     require("fastapi", "the server")

@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 
 from ..memory import storage_bytes
 from ..session import Session
-from .backends import DirBackend, SessionBackend, StoreError
-from .state_dir import ID_PATTERN
+from .backends import SessionBackend, StoreError
+from .state_dir import ID_PATTERN, DirBackend
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ class SessionStore:
         max_sessions: sessions held in memory at most (>= 1).
         max_kv_bytes: bytes of cache held in memory at most, all sessions together (None: no limit).
         state_dir: where sessions are written after every turn and found again after a restart
-            (a :class:`~.backends.DirBackend` on it; None: see ``backend``).
+            (a :class:`~.state_dir.DirBackend` on it; None: see ``backend``).
         backend: the store sessions are written to after every turn (None, and no ``state_dir``:
             sessions live in memory only).
         ttl: seconds a session may stay idle before it expires, in memory and on disk (None or 0: never).
@@ -257,6 +257,13 @@ class SessionStore:
                 "cache_fill": cached / room if room else 0.0, "expired": self.expired,
                 "quarantined": 0 if self.backend is None else self.backend.quarantined,
                 "store_bytes_written": 0 if self.backend is None else self.backend.bytes_written}
+
+    def close(self) -> None:
+        """Close the store's backend when the server stops: a shared store's leases are given back
+        at once (another process may take the sessions over now rather than after the lease TTL),
+        a state directory's lock too. Every turn acknowledged is stored already."""
+        if self.backend is not None:
+            self.backend.close()
 
     # --- sessions (the worker thread) -------------------------------------------------------
 

@@ -11,15 +11,20 @@ orphan that :meth:`StateDir.scan` deletes at the next start. Metadata that canno
 not JSON, wrong fields) is quarantined (renamed ``*.corrupt``) and logged, so one bad file never
 stops the server. The directory is owner-only (0700), its files too (0600): the file names are
 session ids, which are what a client needs to reach a conversation.
+
+:class:`DirBackend` is the directory as a session store (:class:`~.backends.SessionBackend`):
+one process serves a directory, which it locks at start (``flock`` on the directory itself).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 import re
 import stat
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +33,10 @@ log = logging.getLogger(__name__)  # whole messages (f-strings): the server reda
 ID_PATTERN = re.compile(r"^sess-[A-Za-z0-9_-]{16,64}$")  # also safe as a file name
 FORMAT = 2  # the metadata's format (1: {"pin_system", "system"} beside sess-X.pt, read and upgraded)
 _CACHE_NAME = re.compile(r"^(sess-[A-Za-z0-9_-]{16,64})(?:\.(\d+))?\.pt$")
+
+
+class StateDirInUseError(OSError):
+    """Another process serves the state directory."""
 
 
 @dataclass
@@ -226,3 +235,93 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# --- the directory as a session store ------------------------------------------------------------
+
+_DIR_LOCKS: dict[tuple[int, int], list[int]] = {}  # (device, inode) -> [fd, users in this process]
+_DIR_LOCKS_GUARD = threading.Lock()
+
+
+def _lock_dir(path: Path) -> tuple[int, int]:
+    """Lock directory ``path`` for this process (its key in :data:`_DIR_LOCKS`); several
+    backends of one process share the lock, another process gets StateDirInUseError."""
+    st = os.stat(path)
+    key = (st.st_dev, st.st_ino)
+    with _DIR_LOCKS_GUARD:
+        if key in _DIR_LOCKS:
+            _DIR_LOCKS[key][1] += 1
+            return key
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # the directory itself: no lock file among the sessions'
+        except BlockingIOError:
+            os.close(fd)
+            raise StateDirInUseError(f"the state dir {path} is in use by another server process; give each server "
+                                     "its own directory, or share sessions with --session-store redis://...") from None
+        _DIR_LOCKS[key] = [fd, 1]
+        return key
+
+
+def _unlock_dir(key: tuple[int, int]) -> None:
+    """Drop one of this process's uses of the lock :func:`_lock_dir` returned ``key`` for."""
+    with _DIR_LOCKS_GUARD:
+        held = _DIR_LOCKS.get(key)
+        if held is not None:
+            held[1] -= 1
+            if held[1] == 0:
+                os.close(_DIR_LOCKS.pop(key)[0])  # closing the last descriptor releases the flock
+
+
+class DirBackend(StateDir):
+    """The state directory as a session store (:class:`~.backends.SessionBackend`), whole states:
+    this process holds every session (the directory's lock is its one lease, so acquire, renew
+    and release do nothing). ``scan``, ``read_meta``, ``remove`` and ``quarantined`` are
+    :class:`StateDir`'s.
+
+    Args:
+        path: the directory (created owner-only).
+    """
+
+    shared = False
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self._lock = _lock_dir(self.path)
+        self.bytes_written = self.last_bytes = 0
+
+    def lookup(self, sid: str) -> Record | None:
+        meta = self.read_meta(sid)
+        return None if meta is None else Record(sid, meta, self.cache_path(sid, meta.get("version", 0)).exists())
+
+    def create(self, sid: str, meta: dict) -> None:
+        if self.meta_path(sid).exists():
+            raise ValueError("the session id given exists already")
+        self.write_meta(sid, meta)
+
+    def load(self, sid: str, version: int, session) -> None:
+        session.load(self.cache_path(sid, version))
+
+    def save(self, sid: str, version: int, meta: dict, session) -> int:
+        new = super().save(sid, version, meta, session)
+        try:
+            written = sum(p.stat().st_size for p in (self.cache_path(sid, new), self.meta_path(sid)))
+        except OSError:  # committed; only the count is lost
+            written = 0
+        self.last_bytes = written
+        self.bytes_written += written
+        return new
+
+    def acquire(self, sid: str) -> None:
+        pass
+
+    def renew(self) -> None:
+        pass
+
+    def release(self, sid: str) -> None:
+        pass
+
+    def close(self) -> None:
+        if self._lock is not None:
+            _unlock_dir(self._lock)
+            self._lock = None
