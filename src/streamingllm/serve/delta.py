@@ -6,8 +6,8 @@ state, often at other indexes: eviction shifts them, a decode ring keeps them in
 compaction moves them. :func:`diff_state` matches the slots by content, whatever the layout
 that moved them: each slot's bits are fingerprinted, every match is checked bit for bit, and a
 new slot found in the old state becomes a reference to it (runs of consecutive slots, three ints
-a run); the others are stored as literals. A rebase rotates every window key, so its delta holds
-the whole window: that is a compaction point anyway. Sinks, timelines and the small fields are
+a run); the others are stored as literals. Keys and values are matched apart: a rebase rotates every
+window key but no value, so its delta holds the window's keys and refers to its values. Sinks, timelines and the small fields are
 stored whole (``last``, what the chat template's next delta is computed against, holds the last
 turn's messages: the whole history only after a rebuild, whose delta stores the messages whole
 anyway); messages only as what was appended (:func:`appended`).
@@ -22,7 +22,7 @@ import pickle
 
 import torch
 
-FORMAT = 1
+FORMAT = 2  # 2: keys and values matched apart
 _INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bit views, by element size
 _HASHED = 64  # columns of a slot's bits that bucket it (the match then compares them all)
 
@@ -148,43 +148,52 @@ def _same_slots(a: tuple | None, b: tuple) -> bool:
 
 
 def _diff_layer(old: tuple | None, new: tuple | None) -> dict | None:
-    """One layer's entry: None (not initialised), ``whole``, or ``runs`` of references to the old
-    slots ((new index, old index, length) rows) and the literal slots' ``keys`` and ``values``."""
+    """One layer's entry: None (not initialised), ``whole``, or for its keys and its values apart
+    (:func:`_diff_slots`) the runs of references to the old slots and the literal slots."""
     if new is None:
         return None
     if not _same_slots(old, new):
         return {"whole": new}
     keys, values, sink_values = new
-    src = _match(_slot_rows(*(t.to(keys.device) for t in old[:2])), _slot_rows(keys, values))
-    literal = (src < 0).nonzero().squeeze(1)
-    return {"slots": keys.shape[2], "runs": _runs(src.cpu()), "keys": keys.index_select(2, literal),
-            "values": values.index_select(2, literal), "sink_values": sink_values}
+    return {"slots": keys.shape[2], "keys": _diff_slots(old[0].to(keys.device), keys),
+            "values": _diff_slots(old[1].to(values.device), values), "sink_values": sink_values}
+
+
+def _diff_slots(old: torch.Tensor, new: torch.Tensor) -> dict:
+    """``new``'s slots (dim 2) as ``runs`` of references to ``old``'s ((new index, old index,
+    length) rows) and the ``literal`` slots."""
+    src = _match(_slot_rows(old), _slot_rows(new))
+    return {"runs": _runs(src.cpu()), "literal": new.index_select(2, (src < 0).nonzero().squeeze(1))}
 
 
 def _apply_layer(old: tuple | None, entry: dict | None, index: int) -> tuple | None:
     """The layer ``entry`` (:func:`_diff_layer`) describes, with its references read from ``old``."""
     if entry is None or "whole" in entry:
         return None if entry is None else entry["whole"]
-    lit_keys, lit_values, slots = entry["keys"], entry["values"], entry["slots"]
-    if not _same_slots(old, (lit_keys, lit_values)):
+    lit = (entry["keys"]["literal"], entry["values"]["literal"])
+    if not _same_slots(old, lit):
         raise ValueError(f"apply_delta: layer {index} of the state does not match the delta's slots")
-    old_keys, old_values = (t.to(lit_keys.device) for t in old[:2])
-    keys = lit_keys.new_empty(*lit_keys.shape[:2], slots, lit_keys.shape[3])
-    values = lit_values.new_empty(*lit_values.shape[:2], slots, lit_values.shape[3])
+    return (*(_apply_slots(o.to(e["literal"].device), e, entry["slots"], f"layer {index}'s {name}")
+              for o, e, name in zip(old[:2], (entry["keys"], entry["values"]), ("keys", "values"))),
+            entry["sink_values"])
+
+
+def _apply_slots(old: torch.Tensor, entry: dict, slots: int, what: str) -> torch.Tensor:
+    """The ``slots`` slots :func:`_diff_slots` described: its runs read from ``old``, then its literals."""
+    literal = entry["literal"]
+    out = literal.new_empty(*literal.shape[:2], slots, literal.shape[3])
     covered = torch.zeros(slots, dtype=torch.bool)
     for at, src, n in entry["runs"].tolist():
-        if n < 1 or at < 0 or src < 0 or at + n > slots or src + n > old_keys.shape[2] or covered[at : at + n].any():
-            raise ValueError(f"apply_delta: layer {index} has a reference run outside the slots or overlapping "
-                             f"another: (at {at}, from {src}, length {n}) of {slots} slots from {old_keys.shape[2]}")
+        if n < 1 or at < 0 or src < 0 or at + n > slots or src + n > old.shape[2] or covered[at : at + n].any():
+            raise ValueError(f"apply_delta: {what} has a reference run outside the slots or overlapping "
+                             f"another: (at {at}, from {src}, length {n}) of {slots} slots from {old.shape[2]}")
         covered[at : at + n] = True
-        keys[:, :, at : at + n] = old_keys[:, :, src : src + n]
-        values[:, :, at : at + n] = old_values[:, :, src : src + n]
-    free = (~covered).nonzero().squeeze(1).to(keys.device)
-    if len(free) != lit_keys.shape[2] or lit_values.shape[2] != lit_keys.shape[2]:
-        raise ValueError(f"apply_delta: layer {index} has {len(free)} slots not referenced but "
-                         f"{lit_keys.shape[2]} literal ones")
-    keys[:, :, free], values[:, :, free] = lit_keys, lit_values
-    return keys, values, entry["sink_values"]
+        out[:, :, at : at + n] = old[:, :, src : src + n]
+    free = (~covered).nonzero().squeeze(1).to(out.device)
+    if len(free) != literal.shape[2]:
+        raise ValueError(f"apply_delta: {what} has {len(free)} slots not referenced but {literal.shape[2]} literal ones")
+    out[:, :, free] = literal
+    return out
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -193,11 +202,9 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
     return flat.view(_INTS[t.element_size()]) if t.element_size() in _INTS and not t.is_complex() else flat
 
 
-def _slot_rows(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """(slots, batch * heads * head_dim * 2) integers: each slot's key and value bits, one row a slot."""
-    rows = [_bits(t.movedim(2, 0).contiguous()).view(t.shape[2], t.shape[0] * t.shape[1] * t.shape[3])
-            for t in (keys, values)]
-    return torch.cat(rows if rows[0].dtype == rows[1].dtype else [r.to(torch.int64) for r in rows], 1)
+def _slot_rows(t: torch.Tensor) -> torch.Tensor:
+    """(slots, batch * heads * head_dim) integers: each slot's bits (``t``'s dim 2), one row a slot."""
+    return _bits(t.movedim(2, 0).contiguous()).view(t.shape[2], t.shape[0] * t.shape[1] * t.shape[3])
 
 
 def _match(old_rows: torch.Tensor, new_rows: torch.Tensor) -> torch.Tensor:
