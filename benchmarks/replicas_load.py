@@ -10,8 +10,9 @@ OpenAI client does) with a user message of --user-words words (cycled) and asks 
 
 * errors (any status but 200, any error event), and which replica served each turn (affinity:
   a session's turns on one replica);
-* per replica: turns, generated tokens/s over the run, resident memory after the first 5 turns of
-  every session and at the end (flat = the difference);
+* per replica: turns, generated tokens/s over the run, resident memory from when its sessions'
+  windows are full (cache fill 98%: each turn then evicts what it adds) to the end (flat: the
+  difference, and the range between);
 * Redis: bytes it received per turn (``INFO stats`` total_net_input_bytes: turn commits, leases,
   everything) and bytes it holds per session (``used_memory``).
 
@@ -99,7 +100,8 @@ def session_client(url: str, i: int, args, log: list, progress: list) -> None:
 
 def scrape(url: str) -> dict[str, dict[str, float]]:
     """``{replica: {metric: value}}`` of the per-replica gauges the run follows."""
-    wanted = ("process_resident_memory_bytes", "streamingllm_kv_cache_bytes", "streamingllm_sessions_resident")
+    wanted = ("process_resident_memory_bytes", "streamingllm_kv_cache_bytes", "streamingllm_sessions_resident",
+              "streamingllm_cache_fill_ratio")
     out: dict[str, dict[str, float]] = {}
     for line in httpx.get(f"{url}/metrics", timeout=30).text.splitlines():
         name = line.split("{", 1)[0]
@@ -117,7 +119,8 @@ def sampler(url: str, every: float, stop: threading.Event, progress: list, sampl
                 samples.append({"seconds": time.perf_counter() - t0, "turns_done": min(progress), "replica": replica,
                                 "rss_mib": values.get("process_resident_memory_bytes", float("nan")) / 2**20,
                                 "kv_mib": values.get("streamingllm_kv_cache_bytes", float("nan")) / 2**20,
-                                "sessions": values.get("streamingllm_sessions_resident", float("nan"))})
+                                "sessions": values.get("streamingllm_sessions_resident", float("nan")),
+                                "cache_fill": values.get("streamingllm_cache_fill_ratio", float("nan"))})
         except httpx.HTTPError:
             pass
 
@@ -176,7 +179,8 @@ def main(argv=None) -> None:
 def report(args, log: list[dict], samples: list[dict], wall: float, before: dict, after: dict) -> None:
     write_csv(log, args.out / "turns.csv", ["session", "turn", "user_words", "reply_tokens", "status", "replica",
                                             "tokens", "seconds", "ttft_s", "error"])
-    write_csv(samples, args.out / "memory.csv", ["seconds", "turns_done", "replica", "rss_mib", "kv_mib", "sessions"])
+    write_csv(samples, args.out / "memory.csv", ["seconds", "turns_done", "replica", "rss_mib", "kv_mib", "sessions",
+                                                 "cache_fill"])
     ok = [r for r in log if r["status"] == "ok"]
     errors = [r for r in log if r["status"] != "ok"]
     moved = sum(len({r["replica"] for r in ok if r["session"] == s}) > 1 for s in range(args.sessions))
@@ -184,13 +188,17 @@ def report(args, log: list[dict], samples: list[dict], wall: float, before: dict
     for replica in sorted({r["replica"] for r in ok}):
         mine = [r for r in ok if r["replica"] == replica]
         mem = [s for s in samples if s["replica"] == replica]
-        warm = [s["rss_mib"] for s in mem if s["turns_done"] >= min(5, args.turns)]
+        # from when its sessions' windows are full (each turn then evicts as much as it adds)
+        warm = [s for s in mem if s["cache_fill"] >= 0.98 and s["turns_done"] >= 1]
         rows.append({"replica": replica, "sessions": len({r["session"] for r in mine}), "turns": len(mine),
                      "tokens_per_s": sum(r["tokens"] for r in mine) / wall,
                      "token_ms_p50": 1e3 * statistics.median(r["seconds"] / max(1, r["tokens"]) for r in mine),
-                     "rss_mib_after_5_turns": warm[0] if warm else float("nan"),
+                     "full_at_turn": warm[0]["turns_done"] if warm else -1,
+                     "rss_mib_when_full": warm[0]["rss_mib"] if warm else float("nan"),
                      "rss_mib_end": mem[-1]["rss_mib"] if mem else float("nan"),
-                     "rss_growth_mib": (mem[-1]["rss_mib"] - warm[0]) if warm else float("nan"),
+                     "rss_growth_mib": (mem[-1]["rss_mib"] - warm[0]["rss_mib"]) if warm else float("nan"),
+                     "rss_range_mib_when_full": (max(s["rss_mib"] for s in warm) - min(s["rss_mib"] for s in warm))
+                     if warm else float("nan"),
                      "kv_mib_end": mem[-1]["kv_mib"] if mem else float("nan")})
     turns = max(1, len(ok))
     summary = {"replicas": args.replicas, "sessions": args.sessions, "turns_per_session": args.turns,
@@ -199,11 +207,12 @@ def report(args, log: list[dict], samples: list[dict], wall: float, before: dict
                "redis_bytes_per_session": (after["used"] - before["used"]) / args.sessions}
     write_csv(rows, args.out / "replicas.csv", list(rows[0]) if rows else ["replica"])
     write_csv([summary], args.out / "summary.csv", list(summary))
-    print(format_table(["replica", "sessions", "turns", "tok/s", "ms/token p50", "RSS MiB at turn 5", "RSS MiB end",
-                        "growth MiB", "KV MiB"],
+    print(format_table(["replica", "sessions", "turns", "tok/s", "ms/token p50", "windows full at turn",
+                        "RSS MiB then", "RSS MiB end", "growth MiB", "range MiB", "KV MiB"],
                        [[r["replica"], str(r["sessions"]), str(r["turns"]), f"{r['tokens_per_s']:.1f}",
-                         f"{r['token_ms_p50']:.0f}", f"{r['rss_mib_after_5_turns']:.0f}", f"{r['rss_mib_end']:.0f}",
-                         f"{r['rss_growth_mib']:+.0f}", f"{r['kv_mib_end']:.1f}"] for r in rows]))
+                         f"{r['token_ms_p50']:.0f}", str(r["full_at_turn"]), f"{r['rss_mib_when_full']:.0f}",
+                         f"{r['rss_mib_end']:.0f}", f"{r['rss_growth_mib']:+.0f}", f"{r['rss_range_mib_when_full']:.0f}",
+                         f"{r['kv_mib_end']:.1f}"] for r in rows]))
     print(f"turns ok {len(ok)}, errors {len(errors)}, sessions that changed replica {moved}, wall {wall:.0f} s; "
           f"Redis received {summary['redis_bytes_in_per_turn'] / 2**20:.2f} MiB per turn and holds "
           f"{summary['redis_bytes_per_session'] / 2**20:.1f} MiB per session")

@@ -10,8 +10,9 @@ pluggable ``RequestRouter``) over the same bookkeeping that makes the preference
 
 * a session held by a live replica goes to that replica only, waiting (with the router's
   backoff) while it is at its ``max_ongoing_requests``, never to another one;
-* a session no live replica holds (a new one, or one whose replica died) goes to a replica
-  holding the fewest sessions (as reported, plus those this router sent it since);
+* a session no live replica holds (a new one, or one whose replica died) goes to the replica
+  holding the fewest sessions (as reported, plus those this router chose it for since, counted
+  when chosen, so that sessions created at once are spread), or the next fewest when it is full;
 * a request without a session (text completions, ``/health``) goes by the power of two choices.
 
 The router also remembers where it sent each session (``sticky``), so the turn right after a
@@ -69,17 +70,23 @@ class SessionAffinityRouter(MultiplexMixin, RequestRouter):
             if held:
                 return [[r for r in candidate_replicas if r.replica_id in held]]
             counts = self.session_counts()
-            least = min(counts.get(r.replica_id, 0) for r in candidate_replicas)
-            candidate_replicas = [r for r in candidate_replicas if counts.get(r.replica_id, 0) == least]
+            ranked = sorted(candidate_replicas, key=lambda r: (counts.get(r.replica_id, 0), random.random()))
+            if ranked:  # counted at once, so that sessions created together are spread
+                self.remember(key, ranked[0].replica_id)
+            return [[r] for r in ranked]
         return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result) -> None:
         key = pending_request.metadata.multiplexed_model_id
         if key:
-            self.sticky[key] = replica_id
-            self.sticky.move_to_end(key)
-            while len(self.sticky) > STICKY_SESSIONS:
-                self.sticky.popitem(last=False)
+            self.remember(key, replica_id)
+
+    def remember(self, key: str, replica_id: ReplicaID) -> None:
+        """The session of routing ``key`` is (about to be) on ``replica_id``."""
+        self.sticky[key] = replica_id
+        self.sticky.move_to_end(key)
+        while len(self.sticky) > STICKY_SESSIONS:
+            self.sticky.popitem(last=False)
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
