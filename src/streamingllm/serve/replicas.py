@@ -54,6 +54,8 @@ log = logging.getLogger(__name__)
 BOARD_NAME = "streamingllm-board"
 NAMESPACE = "streamingllm"
 REPORT_EVERY_S = 1.0  # how often a replica posts its numbers to the board
+REPORT_MAX_AGE_S = 15.0  # a replica silent for longer is not shown (dead; or starved of CPU that long)
+INGRESS_MAX_ONGOING = 10_000  # requests the ingress holds at once (each an open connection, no model)
 REPLICA_HEADER = "x-streamingllm-replica"
 SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)$")
 LOCAL_OBJECT_STORE_BYTES = 256 << 20  # a local cluster's object store: requests and replies only, no tensors
@@ -263,7 +265,10 @@ def deployments(cli_args: dict, settings: ServerSettings, replicas: int, replica
         request_router_config=RequestRouterConfig(
             request_router_class="streamingllm.serve.routing.SessionAffinityRouter"),
         health_check_period_s=2, health_check_timeout_s=30, graceful_shutdown_timeout_s=5)
+    # The ingress only waits on replicas: it takes every request at once (Ray Serve's default of 5 at a
+    # time would queue the rest in the proxy, unbounded and unseen by the replicas' admission).
     ingress = serve.deployment(ingress_class(app, retry_after), name="Ingress", num_replicas=1,
+                               max_ongoing_requests=INGRESS_MAX_ONGOING,
                                ray_actor_options={"num_cpus": 0})
     return ingress.bind(engine.bind(cli_args, settings, max(1, int(replica_cpus))))
 
@@ -347,7 +352,7 @@ def ingress_class(app: FastAPI, retry_after: int):
             return Response(b"".join(chunks), status_code=status, headers=out)
 
         async def _reports(self) -> dict[str, dict]:
-            return await self.board.live.remote(3 * REPORT_EVERY_S + 2)
+            return await self.board.live.remote(REPORT_MAX_AGE_S)
 
         def _unavailable(self, reason: str, message: str) -> JSONResponse:
             from .app import error_response
