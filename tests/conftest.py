@@ -23,13 +23,16 @@ def pytest_configure(config):
         torch.set_num_threads(1)
 
 
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns the groups into node ids
 def pytest_collection_modifyitems(config, items):
     """With ``--dist loadgroup``, a module's tests stay on one worker (its module fixtures, a loaded
     model or a started server, are made once), and so do the modules sharing the serve package's
     server."""
     for item in items:
-        shared = item.path.parent.name == "serve" and item.path.name in SHARED_SERVER_MODULES
-        item.add_marker(pytest.mark.xdist_group("serve-server" if shared else str(item.path)))
+        module = item.nodeid.split("::")[0]  # the collecting module (an imported test's item.path is its source's)
+        folder, _, name = module.rpartition("/")
+        shared = folder.endswith("serve") and name in SHARED_SERVER_MODULES
+        item.add_marker(pytest.mark.xdist_group("serve-server" if shared else module))
 
 
 def _read_csv(path):

@@ -120,3 +120,28 @@ def running_server(state_dir, *flags: str, store: str | None = None, start_s: fl
         yield srv
     finally:
         srv.stop()
+
+
+def assert_overload_refused(server, requests: int, served_at_least: int, tokens: int = 40) -> None:
+    """``requests`` chat requests of ``tokens`` tokens each at once: at least ``served_at_least``
+    are served, the others refused with 503, ``Retry-After`` and OpenAI's ``overloaded_error``,
+    and at least one is refused."""
+    import threading
+
+    results = []
+
+    def ask(i):
+        r = server.http("POST", "/v1/chat/completions", json={"model": MODEL, "max_tokens": tokens, "min_tokens": tokens,
+                                                              "messages": [{"role": "user", "content": f"Count from {i} to 100."}]})
+        results.append(r)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    codes = sorted(r.status_code for r in results)
+    assert codes.count(200) >= served_at_least and set(codes) <= {200, 503}, codes
+    refused = [r for r in results if r.status_code == 503]
+    assert refused and all(r.headers["retry-after"].isdigit() and r.json()["error"]["type"] == "overloaded_error"
+                           for r in refused)

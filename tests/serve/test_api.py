@@ -5,12 +5,11 @@ survive a restart exactly, and errors that are JSON with the right status while 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
 
-from serving import API_KEY, MODEL
+from serving import API_KEY, MODEL, assert_overload_refused
 
 pytestmark = pytest.mark.slow
 openai = pytest.importorskip("openai")
@@ -251,20 +250,4 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_reply(server):
 
 def test_overload_is_503_with_retry_after(server):
     """--max-batch 4 --max-queue 2: a seventh concurrent request is refused, the others are served."""
-    results = []
-
-    def ask(i):
-        r = server.http("POST", "/v1/chat/completions", json={"model": MODEL, "messages": [
-            {"role": "user", "content": f"Count from {i} to 100."}], "max_tokens": 40, "min_tokens": 40})
-        results.append(r)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(10)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    codes = sorted(r.status_code for r in results)
-    assert codes.count(200) >= 6 and set(codes) <= {200, 503}, codes
-    refused = [r for r in results if r.status_code == 503]
-    assert refused and all(r.headers["retry-after"].isdigit() and r.json()["error"]["type"] == "overloaded_error"
-                           for r in refused)
+    assert_overload_refused(server, requests=10, served_at_least=6)

@@ -17,8 +17,8 @@ pytest.importorskip("ray.serve")
 pytest.importorskip("redis")
 openai = pytest.importorskip("openai")
 
-from redis_server import RedisServer  # noqa: E402
-from serving import API_KEY, MODEL, running_server  # noqa: E402
+from redis_server import redis_fixture  # noqa: E402
+from serving import API_KEY, MODEL, assert_overload_refused, running_server  # noqa: E402
 
 # The single-process server's tests, run here against the cluster (this module's ``server``):
 # the API (whole and streamed, logprobs, sampling defaults, sessions apart across replicas, an
@@ -35,14 +35,7 @@ REPLICA = "x-streamingllm-replica"
 LEASE_TTL_S = 3
 
 
-@pytest.fixture(scope="module")
-def redis_server(tmp_path_factory):
-    server = RedisServer(tmp_path_factory.mktemp("redis"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
+redis_server = redis_fixture("module")
 
 
 @pytest.fixture(scope="module")
@@ -167,25 +160,7 @@ def test_chat_with_server_continues_a_session_on_the_cluster(cluster):
 def test_overload_past_every_replicas_bound_is_503_with_retry_after(cluster):
     """--max-batch 4 --max-queue 2: each replica is sent at most 6 requests, the router queues 2
     more; beyond that a request is refused at once, and the others are served."""
-    import threading
-
-    results = []
-
-    def ask(i):
-        r = cluster.http("POST", "/v1/chat/completions", json={"model": MODEL, "max_tokens": 30, "min_tokens": 30,
-                                                               "messages": [{"role": "user", "content": f"Count to {i}."}]})
-        results.append(r)
-
-    threads = [threading.Thread(target=ask, args=(i,)) for i in range(20)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    codes = sorted(r.status_code for r in results)
-    assert codes.count(200) >= 12 and set(codes) <= {200, 503}, codes
-    refused = [r for r in results if r.status_code == 503]
-    assert refused and all(r.headers["retry-after"].isdigit() and r.json()["error"]["type"] == "overloaded_error"
-                           for r in refused)
+    assert_overload_refused(cluster, requests=20, served_at_least=12, tokens=30)
 
 
 def test_redis_stopped_then_restarted(cluster, redis_server):
