@@ -8,10 +8,6 @@ import os
 
 import pytest
 
-# The modules that share tests/serve/conftest.py's package-scoped server: one xdist worker runs them
-# all, so the server starts once.
-SHARED_SERVER_MODULES = {"test_api.py", "test_client.py", "test_page.py"}
-
 
 def pytest_configure(config):
     """Under pytest-xdist (``-n 2``), each worker and the servers it starts use one thread: two
@@ -21,18 +17,6 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(1)
-
-
-@pytest.hookimpl(tryfirst=True)  # before pytest-xdist's own, which turns the groups into node ids
-def pytest_collection_modifyitems(config, items):
-    """With ``--dist loadgroup``, a module's tests stay on one worker (its module fixtures, a loaded
-    model or a started server, are made once), and so do the modules sharing the serve package's
-    server."""
-    for item in items:
-        module = item.nodeid.split("::")[0]  # the collecting module (an imported test's item.path is its source's)
-        folder, _, name = module.rpartition("/")
-        shared = folder.endswith("serve") and name in SHARED_SERVER_MODULES
-        item.add_marker(pytest.mark.xdist_group("serve-server" if shared else module))
 
 
 def _read_csv(path):
