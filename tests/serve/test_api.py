@@ -18,8 +18,8 @@ QUESTION = [{"role": "system", "content": "You are a helpful assistant. Answer i
             {"role": "user", "content": "What is the capital of France?"}]
 
 
-def _chat(server, messages, sid=None, **kw):
-    extra = {"session_id": sid} if sid else {}
+def _chat(server, messages, sid=None, extra_body=None, **kw):
+    extra = {**({"session_id": sid} if sid else {}), **(extra_body or {})}
     return server.client().chat.completions.create(model=MODEL, messages=messages, temperature=0, extra_body=extra,
                                                    **{"max_tokens": 24, **kw})
 
@@ -225,7 +225,7 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_reply(server):
     cancelled = server.metric(name, 0.0)
     with httpx.stream("POST", f"{server.url}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
                       json={"model": MODEL, "messages": story, "stream": True, "max_tokens": 60, "session_id": sid,
-                            "min_tokens": 60}, timeout=60) as r:
+                            "min_tokens": 60, "temperature": 0}, timeout=60) as r:
         pieces = 0
         for line in r.iter_lines():
             pieces += line.startswith("data: ")
@@ -237,15 +237,24 @@ def test_a_client_that_disconnects_mid_stream_cancels_its_reply(server):
     assert server.metric(name, 0.0) == cancelled + 1
     info = server.http("GET", f"/v1/sessions/{sid}").json()
     assert info["turns"] == 1 and not info["busy"] and info["seen_tokens"] < 60 + 40  # stopped early, turn closed
-    # The cache holds exactly the transcript the server reports (the reply's tokens fed once):
-    # continuing it gives what a fresh session fed the same conversation gives.
+    # The cache holds exactly the transcript the server reports, the reply's tokens fed once: it is
+    # the cache of the same greedy reply cut by max_tokens at the same token. (A fresh session fed
+    # the transcript's text is no reference: a cut reply's text can tokenize otherwise, " L" "ighth"
+    # "ouse" read back as " Lighthouse".)
+    one = _chat(server, story, server.new_session(), max_tokens=1, extra_body={"min_tokens": 1})
+    n = info["seen_tokens"] - one.session["seen_tokens"] + 1  # the cancelled reply's tokens
+    twin_sid = server.new_session()
+    twin = _chat(server, story, twin_sid, max_tokens=n, extra_body={"min_tokens": n})
+    assert twin.choices[0].finish_reason == "length" and twin.usage.completion_tokens == n
+    assert twin.session["seen_tokens"] == info["seen_tokens"]
+    assert [twin.choices[0].message.content] == [m["content"] for m in info["messages"] if m["role"] == "assistant"]
     conv = info["messages"] + [{"role": "user", "content": "Thanks. What is 2 + 2?"}]
     cont = _chat(server, conv, sid, max_tokens=5, logprobs=True)
-    fresh = _chat(server, conv, server.new_session(), max_tokens=5, logprobs=True)
-    assert cont.session["status"] == "continued" and fresh.session["status"] == "new"
-    assert cont.usage.prompt_tokens == fresh.usage.prompt_tokens
+    ref = _chat(server, conv, twin_sid, max_tokens=5, logprobs=True)
+    assert cont.session["status"] == "continued" and ref.session["status"] == "continued"
+    assert cont.usage.prompt_tokens == ref.usage.prompt_tokens
     assert [t.logprob for t in cont.choices[0].logprobs.content] == pytest.approx(
-        [t.logprob for t in fresh.choices[0].logprobs.content], abs=1e-3)
+        [t.logprob for t in ref.choices[0].logprobs.content], abs=1e-3)
 
 
 def test_overload_is_503_with_retry_after(server):
