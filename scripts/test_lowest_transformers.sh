@@ -15,4 +15,4 @@ target=".ci-cache/transformers-$lowest"
 [ -d "$target" ] || pip install -q --no-deps --target "$target" "transformers==$lowest"
 PYTHONPATH="$target" python -c "import transformers; assert transformers.__version__ == '$lowest', transformers.__version__"
 PYTHONPATH="$target" python -m pytest -q -n 2 --dist loadgroup tests/core/test_cache.py tests/core/test_generate.py \
-    tests/core/test_timeline.py
+    tests/core/test_timeline.py tests/core/test_memory.py

@@ -10,7 +10,7 @@ needs torch and transformers only; evaluations (:mod:`streamingllm.evals`), benc
 from importlib import metadata as _metadata
 
 from . import sink_llama  # registers the sink_llama architecture with transformers' Auto classes
-from .cache import SinkCache
+from .cache import BlockMemory, MemoryCache, SinkCache
 from .families import UnsupportedModelError, supported_families
 from .timeline import ApproximateChunkError
 from .feed import Sampling, decode_rows, generate, generate_tokens, iter_chunks, prefill
@@ -30,6 +30,8 @@ __all__ = [
     "decode_rows",
     "load",
     "Session",
+    "MemoryCache",
+    "BlockMemory",
     "Conversation",
     "RemoteSession",
 ]

@@ -41,6 +41,7 @@ BAND_AWARE: set[str] = set(SINK_ATTENTION.values())
 RETURNS_PROBABILITIES: set[str] = {"eager", SINK_ATTENTION["eager"]}
 _BAND = "_streamingllm_band"
 _SCORES = "_streamingllm_sink_scores"
+_MEMORY = "_streamingllm_memory"
 _registered = False
 
 
@@ -74,6 +75,23 @@ def attach_band(keys: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     chunk must be attended with; sink-aware attention uses it instead of the model's mask."""
     setattr(keys, _BAND, mask)
     return keys
+
+
+def attach_memory(keys: torch.Tensor, view) -> torch.Tensor:
+    """Mark ``keys`` (returned by a :class:`~streamingllm.cache.MemoryCache` layer) with the view that
+    completes the layer's forward once it has the queries (``view.attend``): the memory lookup and
+    the attention over what it retrieved."""
+    setattr(keys, _MEMORY, view)
+    return keys
+
+
+def _memory_attention(module, query: torch.Tensor, key: torch.Tensor, kwargs: dict):
+    """The attention of a :class:`~streamingllm.cache.MemoryCache` layer, or None for any other keys."""
+    view = getattr(key, _MEMORY, None)
+    if view is None:
+        return None
+    softcap = kwargs.get("softcap") or getattr(getattr(module, "config", None), "attn_logit_softcapping", None)
+    return view.attend(module, query, key, kwargs.get("scaling"), softcap), None
 
 
 def band_of(keys: torch.Tensor) -> torch.Tensor | None:
@@ -121,6 +139,8 @@ def mask_for(module, query: torch.Tensor, key: torch.Tensor, attention_mask, sca
 def _sdpa(module, query, key, value, attention_mask, **kwargs):
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if (memory := _memory_attention(module, query, key, kwargs)) is not None:
+        return memory
     mask = mask_for(module, query, key, attention_mask, kwargs.get("scaling"))
     if _one_query_16bit_on_cpu(module, query, kwargs):
         return one_query_attention(query, key, value, mask, kwargs.get("scaling")), None
@@ -164,6 +184,8 @@ def one_query_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Ten
 
 def _eager(module, query, key, value, attention_mask, **kwargs):
     """The model file's own ``eager_attention_forward`` (each model defines one), with the band."""
+    if (memory := _memory_attention(module, query, key, kwargs)) is not None:
+        return memory
     eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
     if eager is None:
         raise NotImplementedError(f"{type(module).__name__} has no eager_attention_forward; use sdpa")

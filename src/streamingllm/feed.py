@@ -72,10 +72,13 @@ def iter_chunks(
         chunk_size = 1
     done, total = 0, ids.shape[1]
     pass_cache = cache_kwargs(model, cache)
+    limit = getattr(cache, "chunk_limit", None)  # a memory cache looks up per chunk of at most this many queries
     while done < total:
         room = cache.max_cached_tokens + 1 - cache.seen_tokens  # chunks that evict nothing are exact already
         size = min(chunk_size, total - done)
-        if exact and room > 0:
+        if limit is not None:
+            size = min(size, limit)
+        elif exact and room > 0:
             size = min(size, room)
         mask = cache.exact_chunk_mask(size, dtype=model.dtype, device=model.device) if exact else None
         if not exact:

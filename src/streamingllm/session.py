@@ -1,6 +1,7 @@
 """Conversations on a sink cache: one :class:`Session` per conversation.
 
-A session holds a :class:`~streamingllm.cache.SinkCache` and the transcript it has consumed.
+A session holds a :class:`~streamingllm.cache.SinkCache` (or, with ``memory=``, a
+:class:`~streamingllm.cache.MemoryCache`) and the transcript it has consumed.
 Each turn feeds only the tokens that turn adds to the chat template (the new user message and
 the assistant prefix), generates the reply, then feeds the template's end of the assistant turn,
 so the cache always holds the conversation exactly as the template writes it -- minus what was
@@ -22,11 +23,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import SinkCache
-from .checks import ArgumentError, check_int
+from .cache import BlockMemory, MemoryCache, SinkCache
+from .checks import ArgumentError, check_choice, check_int
 from .compiled import DecodeStep
 from .feed import Sampling, generate_tokens, prefill
 from .text import ReplyText, StopStrings, TextDecoder  # noqa: F401 (the last two: re-exported from their old home)
+from .turns import HeldTurns
+
+#: How a conversation leaves the window: token by token (StreamingLLM), or whole exchanges at once.
+EVICTION = ("tokens", "turns")
 
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>")
 
@@ -89,9 +94,20 @@ class Session:
             cache then holds ``max(sink_size, pinned_tokens) + window_size`` tokens.
         compile: the decode steps compiled once the cache is full (``"auto"``: on CUDA), or a
             :class:`~streamingllm.compiled.DecodeStep`; compiled once for all the turns.
+        memory: keep what leaves the window in a memory of blocks (:class:`~streamingllm.cache.BlockMemory`,
+            InfLLM's design): the session's cache is then a :class:`~streamingllm.cache.MemoryCache`.
+        evict: ``"tokens"`` (StreamingLLM: the oldest tokens leave one by one as new ones come) or
+            ``"turns"``: before a turn is fed, whole oldest exchanges (user message, reply, role
+            headers) leave until the turn and a reply of ``max_new_tokens`` fit in the window, so the
+            window never holds part of a message. With a memory they go to it whole; without one the
+            kept exchanges are fed again (a cost of up to the window's length, on the turns that
+            evict). A turn longer than the whole window still evicts by tokens, as does a
+            conversation fed whole (a new or rebuilt session: a client's history sent at once).
 
     Attributes:
-        cache: the session's :class:`SinkCache` (``cache.seen_tokens`` counts the whole conversation).
+        cache: the session's :class:`SinkCache`, or :class:`~streamingllm.cache.MemoryCache` with a
+            memory (``cache.seen_tokens`` counts the whole conversation).
+        held: turn eviction's count of the exchanges in the window (:class:`~streamingllm.turns.HeldTurns`).
         messages: the transcript so far (system, user and assistant messages).
         pinned_tokens: template tokens of the system prompt kept as sinks (0 without ``pin_system``).
 
@@ -104,7 +120,8 @@ class Session:
     def __init__(self, model, tokenizer, sink_size: int = 4, window_size: int = 1020, *, system: str | None = None,
                  sampling: Sampling = Sampling(), max_new_tokens: int = 256, chunk_size: int = 256,
                  min_new_tokens: int = 0, stop: tuple[str, ...] | list[str] = (), pin_system: bool = False,
-                 compile: str | bool | DecodeStep = "auto"):
+                 compile: str | bool | DecodeStep = "auto", memory: BlockMemory | None = None,
+                 evict: str = "tokens"):
         if not getattr(tokenizer, "chat_template", None):
             raise ArgumentError("tokenizer", "must have a chat template: a Session needs a chat (instruct) model")
         self.model, self.tokenizer, self.sampling = model, tokenizer, sampling
@@ -120,7 +137,11 @@ class Session:
             raise ArgumentError("pin_system", "needs a system prompt to pin (system=...)", pin_system,
                                 mentions=("system",))
         self.pinned_tokens = self._system_tokens() if pin_system else 0
-        self.cache = SinkCache(model, sink_size=max(sink_size, self.pinned_tokens), window_size=window_size)
+        self.evict = check_choice("evict", evict, EVICTION)
+        sinks = max(sink_size, self.pinned_tokens)
+        self.cache = (SinkCache(model, sink_size=sinks, window_size=window_size) if memory is None
+                      else MemoryCache(model, sinks, window_size, memory))
+        self.held = HeldTurns()  # turn eviction: the exchanges the window holds
         self.stop_ids = stop_token_ids(tokenizer)
         self.reset()
 
@@ -136,6 +157,7 @@ class Session:
     def reset(self) -> None:
         """Forget the conversation (the system prompt is kept)."""
         self.cache.reset()
+        self.held.clear()
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self._last: list[dict] = list(self.messages)  # the messages the template delta is computed against
         self._pending: list[dict] | None = None  # the new messages of the turn prepare() opened
@@ -150,10 +172,12 @@ class Session:
     def state(self) -> dict:
         """The conversation as :meth:`save` writes it: ``format``, ``cache`` (the cache's
         :meth:`~streamingllm.cache.SinkCache.state_dict`: the tokens it holds, not its empty
-        slots), ``messages``, ``last``, ``system`` and ``pinned_tokens``. Tensors and lists are
+        slots), ``messages``, ``last``, ``system``, ``pinned_tokens`` and ``held`` (turn eviction's
+        exchanges in the window). Tensors and lists are
         copies: the dict does not change as the conversation goes on."""
         return {"format": 1, "cache": self.cache.state_dict(), "messages": [dict(m) for m in self.messages],
-                "last": [dict(m) for m in self._last], "system": self.system, "pinned_tokens": self.pinned_tokens}
+                "last": [dict(m) for m in self._last], "system": self.system, "pinned_tokens": self.pinned_tokens,
+                "held": [list(u) for u in self.held.units]}
 
     def restore(self, state: dict, *, source: str = "the state") -> None:
         """Continue the conversation a :meth:`state` dict holds (same model and cache sizes;
@@ -170,6 +194,7 @@ class Session:
         self.cache.load_state_dict(state["cache"])
         self.messages, self._last = [dict(m) for m in state["messages"]], [dict(m) for m in state["last"]]
         self.system = state["system"]
+        self.held.units = [list(u) for u in state.get("held", [])]
 
     def save(self, path, compress: bool = False) -> None:
         """Write the conversation (:meth:`state`) to ``path``: the transcript and the cache's exact
@@ -210,7 +235,7 @@ class Session:
         whole = (not self.cache.seen_tokens) if empty is None else empty
         return template_delta(self.tokenizer, self._last if last is None else last, new, whole)
 
-    def prepare(self, messages: list[dict]) -> Turn:
+    def prepare(self, messages: list[dict], max_new_tokens: int | None = None) -> Turn:
         """Match a whole conversation (as an OpenAI-style client sends it, ending with a user
         message) against the transcript, and say which tokens a turn for it must feed.
 
@@ -221,6 +246,8 @@ class Session:
         ``Turn.prompt_ids`` (e.g. with :func:`~streamingllm.feed.generate_tokens`) and call
         :meth:`finish` with the reply. ValueError for malformed messages, and for a system prompt
         other than the session's when it is pinned (the cache's sink region is sized for it).
+        ``max_new_tokens``: the reply's longest length, for which turn eviction makes room (default
+        the session's).
         """
         messages = check_messages(messages)
         system = messages[0]["content"] if messages[0]["role"] == "system" else None
@@ -230,17 +257,49 @@ class Session:
         n = len(self.messages)
         if self.cache.seen_tokens and system == self.system and _same_messages(messages[:n], self.messages):
             new = messages[n:]
-            return Turn(self._encode(self._delta(new)), self.cache.seen_tokens, "continued", new, system)
+            turn = Turn(self._encode(self._delta(new)), self.cache.seen_tokens, "continued", new, system)
+            reply = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+            return self._make_room(turn, reply) if self.evict == "turns" else turn
         head = [{"role": "system", "content": system}] if system is not None else []
         new = messages[len(head) :]
         return Turn(self._encode(self._delta(new, head, empty=True)), 0, "rebuilt" if self.cache.seen_tokens else "new",
                     new, system)
 
+    def _make_room(self, turn: Turn, reply: int) -> Turn:
+        """Turn eviction: the continued ``turn`` with the oldest whole exchanges planned to leave, so
+        that it and a reply of ``reply`` tokens fit in the window (see :mod:`streamingllm.turns`)."""
+        need = len(turn.prompt_ids) + reply + len(self._encode(turn_end(self.tokenizer, turn.new, "")))
+        cache = self.cache
+        if isinstance(cache, MemoryCache):
+            exchanges, _, tokens = self.held.plan(need, cache.window_size - cache.counts.window)
+            return Turn(turn.prompt_ids, turn.cached_tokens, turn.status, turn.new, turn.system,
+                        evict_exchanges=exchanges, evict_tokens=tokens)
+        if cache.cached_tokens + need <= cache.max_cached_tokens:
+            return turn
+        head = self.messages[:1] if self.messages and self.messages[0]["role"] == "system" else []
+        held = self.messages[len(head) :]
+        best = self._encode(self._delta(turn.new, head, empty=True)), len(held)  # nothing kept
+        for i in reversed([i for i, m in enumerate(held) if m["role"] == "user"]):  # newest exchanges first
+            ids = self._encode(self._delta(held[i:] + turn.new, head, empty=True))
+            if len(ids) - len(turn.prompt_ids) + need > cache.max_cached_tokens:
+                break  # keeping this exchange too would not fit: keep the newer ones
+            best = ids, i
+        ids, i = best
+        return Turn(ids, 0, "rebuilt", turn.new, turn.system, kept=head + held[i:])
+
     def start(self, turn: Turn) -> None:
-        """Open the turn :meth:`prepare` planned (resetting the session first when it is rebuilt)."""
-        if turn.status != "continued":
+        """Open the turn :meth:`prepare` planned (resetting the session first when it is rebuilt;
+        evicting whole exchanges first when it says so)."""
+        if turn.kept is not None:  # turn eviction without a memory: the cache holds the kept exchanges only
+            self.cache.reset()
+            self.held.clear()
+        elif turn.status != "continued":
             self.system = turn.system
             self.reset()
+        if turn.evict_tokens:
+            self.cache.evict(turn.evict_tokens)
+        self.held.evicted(turn.evict_exchanges)
+        self.held.opened(self.cache.seen_tokens)
         self._pending = turn.new
 
     def finish(self, reply_ids: list[int], shown: str, all_fed: bool) -> None:
@@ -269,6 +328,9 @@ class Session:
             prefill(self.model, self.cache, ids, chunk_size=self.chunk_size)
         self.messages += pending + [{"role": "assistant", "content": shown}]
         self._last = pending + [assistant]
+        window = self.cache.counts.window if isinstance(self.cache, MemoryCache) else \
+            self.cache.cached_tokens - self.cache.sink_size
+        self.held.closed(len(pending) + 1, self.cache.seen_tokens, max(window, 0))
 
     def reply(self, user_text: str) -> Iterator[str]:
         """Add the user's message, and yield the assistant's reply as text pieces as they come.
@@ -315,6 +377,11 @@ class Turn:
             ``"rebuilt"`` (the history differed: the session is reset and the conversation fed whole).
         new: the messages the turn adds to the transcript (before the reply).
         system: the conversation's system prompt (None without one).
+        kept: turn eviction without a memory: the messages the cache is rebuilt with (the system
+            prompt and the newest whole exchanges; ``prompt_ids`` renders them and ``new``); None
+            otherwise. The transcript keeps every message.
+        evict_exchanges, evict_tokens: turn eviction with a memory: the oldest exchanges, and their
+            tokens, that :meth:`Session.start` moves from the window to the memory.
     """
 
     prompt_ids: torch.Tensor
@@ -322,6 +389,9 @@ class Turn:
     status: str
     new: list[dict]
     system: str | None
+    kept: list[dict] | None = None
+    evict_exchanges: int = 0
+    evict_tokens: int = 0
 
 
 ROLES = ("system", "user", "assistant")

@@ -54,6 +54,10 @@ from streamingllm.timeline import ApproximateChunkError
         (["chat", "--window-size", "8188"], "trained length of 8192 tokens"),
         (["chat", "--session", "abc"], "--session needs --server URL"),
         (["chat", "--server", "ftp://127.0.0.1"], "--server must be an http:// or https:// URL"),
+        (["chat", "--server", "http://127.0.0.1:9", "--memory"], "--memory is the server's setting with --server"),
+        (["chat", "--server", "http://127.0.0.1:9", "--evict", "turns"], "--evict is the server's setting"),
+        (["chat", "--memory", "--block-size", "0"], "--block-size must be an integer >= 1, got 0"),
+        (["chat", "--memory", "--block-size", "4", "--repr-keys", "8"], "--repr-keys must be at most --block-size (4)"),
     ],
 )
 def test_bad_input_gives_one_line_naming_the_flag(argv, message, capsys):

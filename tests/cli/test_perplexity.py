@@ -36,7 +36,8 @@ AUSTEN = ["perplexity", "--corpus", "austen"]
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (AUSTEN + ["--methods", "dense", "sliding"], "--methods must be one of dense, window, recompute, streaming, got 'sliding'"),
+        (AUSTEN + ["--methods", "dense", "sliding"],
+         "--methods must be one of dense, window, recompute, streaming, memory, got 'sliding'"),
         (AUSTEN + ["--window-size", "0"], "--window-size must be an integer >= 1, got 0"),
         (AUSTEN + ["--sink-size", "4", "-2"], "--sink-size must be an integer >= 0, got -2"),
         (AUSTEN + ["--sink-size", "8", "--cache-size", "8"], "--cache-size must be larger than the sink size 8"),

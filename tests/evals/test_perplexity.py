@@ -123,6 +123,25 @@ def test_methods_agree_before_the_cache_fills_and_differ_after():
     assert np.abs(by["window"].nll[L + 5 :] - by["dense"].nll[L + 5 :]).max() > 1e-3
 
 
+def test_the_memory_method_scores_what_its_cache_gives():
+    """``memory``: the same as streaming until something is evicted, then the NLL of its own cache
+    fed in its lookup chunks; labelled with its blocks."""
+    from streamingllm.cache import BlockMemory, MemoryCache
+    from streamingllm.feed import prefill
+
+    model = tiny_model("llama")
+    ids, L = text_ids(120), 30
+    memory = BlockMemory(block_size=8, top_k=2, repr_keys=2, chunk_size=8)
+    settings = make_settings(["streaming", "memory"], [4], cache_size=[L], memory=memory)
+    assert [s.label for s in settings] == ["streaming 4+26", "memory 4+26 k2x8"]
+    streaming, mem = evaluate(model, ids, settings, chunk_size=16)
+    assert np.abs(mem.nll[: L - 1] - streaming.nll[: L - 1]).max() <= TOL
+    assert np.abs(mem.nll[L + 10 :] - streaming.nll[L + 10 :]).max() > 1e-3
+    logits = prefill(model, MemoryCache(model, 4, L - 4, memory), ids[None, :-1], chunk_size=8, return_all_logits=True)
+    direct = torch.nn.functional.cross_entropy(logits[0].float(), ids[1:], reduction="none").double().numpy()
+    assert np.abs(mem.nll - direct).max() <= TOL
+
+
 def test_make_settings_expands_cache_sizes_and_windows():
     s = make_settings(["dense", "window", "recompute", "streaming"], sink_size=[0, 4], cache_size=[64, 128])
     assert [x.label for x in s] == [
@@ -136,7 +155,8 @@ def test_make_settings_expands_cache_sizes_and_windows():
 @pytest.mark.parametrize(
     "kwargs, param, message",
     [
-        (dict(methods=["dense", "sliding"]), "methods", "methods must be one of dense, window, recompute, streaming, got 'sliding'"),
+        (dict(methods=["dense", "sliding"]), "methods",
+         "methods must be one of dense, window, recompute, streaming, memory, got 'sliding'"),
         (dict(methods=[]), "methods", "methods must name at least one of"),
         (dict(methods=["dense", "dense"]), "methods", "methods must not name a value twice"),
         (dict(window_size=[0]), "window_size", "window_size must be an integer >= 1, got 0"),

@@ -12,6 +12,7 @@ from streamingllm.checks import ArgumentError
 from streamingllm.evals.attention import capture, head_mean, sink_statistics
 from streamingllm.evals.passkey import passkey_prompt, run_passkey
 from streamingllm.evals.perplexity import Setting, make_settings
+from streamingllm.cache import BlockMemory
 from streamingllm.evals.readers import make_reader
 from streamingllm.evals.streameval import make_stream, run_streameval
 from tiny import FAMILIES, VOCAB, tiny_model
@@ -198,7 +199,8 @@ def test_passkey_oracle_retrieves_inside_the_window_and_never_past_it():
 def test_model_readers_run_every_method_on_a_tiny_model():
     """The real readers (exact chunks, dense budget, recompute) run the harness end to end."""
     model = tiny_model("llama", vocab_size=256)
-    settings = make_settings(["dense", "window", "recompute", "streaming"], [4], cache_size=[64])
+    settings = make_settings(["dense", "window", "recompute", "streaming", "memory"], [4], cache_size=[64],
+                             memory=BlockMemory(block_size=16, top_k=2, repr_keys=2, chunk_size=16))
     values, queries = make_stream(30, 10, [10], seed=3)
     results = run_streameval(lambda s: make_reader(model, s, chunk_size=16, max_dense_tokens=500), settings, encode,
                              decode, values, queries)

@@ -19,7 +19,7 @@ from redis_server import redis_fixture
 from serving import free_port
 from tiny import chat_tokenizer, tiny_model
 
-from streamingllm.cache import SinkCache
+from streamingllm.cache import BlockMemory, SinkCache
 from streamingllm.checks import ArgumentError
 from streamingllm.extras import MissingExtraError
 from streamingllm.feed import prefill
@@ -129,6 +129,32 @@ def test_every_saved_turn_comes_back_exactly(make_backend, new_session, model_an
     other = new_session()  # a negative control: another conversation's logits differ
     "".join(other.reply("something else entirely"))
     assert not torch.allclose(_next_logits(model, other), _next_logits(model, live), atol=1e-5, rtol=0)
+
+
+def test_a_memory_session_is_saved_whole_and_comes_back_exactly(make_backend, model_and_tokenizer):
+    """A session with a memory of blocks evicting whole turns: its state (blocks and turn counts) has
+    no delta form, so each turn is stored whole, as a new base in Redis (no log of whole states)."""
+    model, tokenizer = model_and_tokenizer
+    memory = BlockMemory(block_size=8, top_k=2, repr_keys=2, chunk_size=8)
+
+    def session() -> Session:
+        return Session(model, tokenizer, 4, 40, system="Be brief.", max_new_tokens=6, chunk_size=8, compile=False,
+                       memory=memory, evict="turns")
+
+    backend, sid, live = make_backend(), _sid(), session()
+    backend.create(sid, _meta(live))
+    backend.acquire(sid)
+    version = 0
+    for text in _messages(12, seed=3)[:12]:
+        "".join(live.reply(text[:20]))
+        version = backend.save(sid, version, _meta(live, version), live)
+        if make_backend.kind == "redis":
+            assert backend.client.llen(keys_of(sid)["log"]) == 0
+    assert live.cache.memory_blocks >= 3
+    fresh = session()
+    backend.load(sid, version, fresh)
+    assert fresh.held.units == live.held.units and fresh.messages == live.messages
+    torch.testing.assert_close(_next_logits(model, fresh), _next_logits(model, live), atol=1e-5, rtol=0)
 
 
 def test_versions_metadata_and_removal(make_backend, new_session):

@@ -34,6 +34,8 @@ position ids put the next token there).
 
 from .checks import CacheTooLargeError, NativeWindowWarning, TrainedLengthWarning, check_cache_sizes
 from .groups import GLOBAL, SLIDING_POLICY, LayerGroup, Policy, layer_policies
+from .blocks import BlockMemory, BlockStore
+from .memory_cache import MemoryCache
 from .layers import AlibiSinkLayer, RopeSinkLayer, SinkLayer
 from .prepared import PreparedStep
 from .rows import PaddedRows, StackedRows
@@ -42,6 +44,9 @@ from .store import LayerBuffers, SinkKeys, SinkStore, layer_devices
 
 __all__ = [
     "SinkCache",
+    "MemoryCache",
+    "BlockMemory",
+    "BlockStore",
     "CacheTooLargeError",
     "TrainedLengthWarning",
     "NativeWindowWarning",

@@ -17,8 +17,9 @@ from typing import NamedTuple
 
 from ..checks import ArgumentError
 from ..client import Conversation, ServerError
-from .options import (CommandError, add_cache_options, add_generation_options, add_model_options,
-                      add_parser, check_generation_options, check_trained_length, load_model, say)
+from .options import (CommandError, add_cache_options, add_conversation_memory_options, add_generation_options,
+                      add_model_options, add_parser, check_generation_options, check_trained_length, load_model,
+                      memory_from_args, say)
 
 
 def register(sub) -> None:
@@ -39,6 +40,7 @@ def register(sub) -> None:
                         "server keeps it, across restarts with its --state-dir)")
     add_model_options(c, compile=True)
     add_cache_options(c)
+    add_conversation_memory_options(c)
     add_generation_options(c, chat=True)
     c.set_defaults(run=run)
 
@@ -71,15 +73,18 @@ def _load(args, sampling) -> Iterator[Opened]:
     from ..session import Session
 
     check_trained_length(args)
+    memory = memory_from_args(args, only_if_asked=True)  # bad memory options fail before the weights load
     model, tokenizer = load_model(args, chat=True)  # a model without a chat template is refused before its weights
     check_trained_length(args, model)
     session = Session(model, tokenizer, args.sink_size, args.window_size, system=args.system, sampling=sampling,
                       max_new_tokens=args.max_new_tokens, chunk_size=args.chunk_size,
                       min_new_tokens=args.min_new_tokens, stop=args.stop, pin_system=args.pin_system,
-                      compile=DecodeStep(model, args.compile, on_compile=say))
+                      compile=DecodeStep(model, args.compile, on_compile=say), memory=memory, evict=args.evict)
     cache = session.cache
     pinned = f", system prompt pinned ({session.pinned_tokens} tokens)" if session.pinned_tokens else ""
-    banner = f"streamingllm chat: {args.model}, cache {cache.sink_size}+{cache.window_size} tokens{pinned}"
+    extra = (f", memory of blocks ({memory.top_k} x {memory.block_size} tokens retrieved)" if memory else "") + (
+        ", evicting whole turns" if args.evict == "turns" else "")
+    banner = f"streamingllm chat: {args.model}, cache {cache.sink_size}+{cache.window_size} tokens{pinned}{extra}"
     yield Opened(session, banner, "cache")
 
 
@@ -94,6 +99,9 @@ def _connect(args, sampling) -> Iterator[Opened]:
         server_url(args.server)
     except ArgumentError as err:  # the library names its parameter, url; here it is --server
         raise ArgumentError("server", err.requirement, args.server) from None
+    if args.memory or args.evict != "tokens":
+        raise ArgumentError("memory" if args.memory else "evict", "is the server's setting with --server: start "
+                            "`streamingllm serve --memory` (or --evict turns) instead")
     if args.session is not None and args.system is not None:
         raise ArgumentError("system", "cannot be combined with --session: the session keeps its own system prompt")
     remote = RemoteSession(args.server, args.api_key, system=args.system, pin_system=args.pin_system,

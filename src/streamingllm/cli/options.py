@@ -135,6 +135,49 @@ def add_cache_options(p: argparse.ArgumentParser) -> None:
                         "quality to collapse)")
 
 
+def add_memory_options(p: argparse.ArgumentParser) -> None:
+    """The memory of evicted blocks (method ``memory``; ``--memory`` where a command has one cache)."""
+    g = p.add_argument_group("memory of evicted blocks (InfLLM)")
+    g.add_argument("--block-size", type=int, default=128, help="tokens per memory block")
+    g.add_argument("--memory-blocks", type=int, default=4, help="blocks retrieved per lookup (top-k)")
+    g.add_argument("--repr-keys", type=int, default=4, help="representative keys per block and key/value head")
+    g.add_argument("--lookup-chunk", type=int, default=32,
+                   help="queries per lookup while reading a prompt (tokens)")
+    g.add_argument("--lookup-every", type=int, default=1,
+                   help="forwards between lookups (1: every chunk and every decoded token)")
+    g.add_argument("--max-cpu-blocks", type=int, default=None,
+                   help="blocks kept in CPU memory per layer; past it they spill to --spill-dir, else are forgotten")
+    g.add_argument("--spill-dir", default=None, help="directory for blocks past --max-cpu-blocks")
+
+
+def add_conversation_memory_options(p: argparse.ArgumentParser) -> None:
+    """``--memory`` and ``--evict`` of a conversation (chat, serve), with the memory's options."""
+    p.add_argument("--memory", action="store_true",
+                   help="keep what leaves the window in a memory of blocks and retrieve from it (InfLLM)")
+    p.add_argument("--evict", choices=["tokens", "turns"], default="tokens",
+                   help="tokens: the oldest tokens leave one by one (StreamingLLM); turns: whole oldest exchanges "
+                   "leave before a turn, so the window never holds part of a message")
+    add_memory_options(p)
+
+
+def memory_from_args(args, only_if_asked: bool = False):
+    """The :class:`~streamingllm.cache.BlockMemory` the memory options describe (None when
+    ``only_if_asked`` and ``--memory`` was not given)."""
+    from ..cache import BlockMemory
+    from ..checks import ArgumentError
+
+    if only_if_asked and not getattr(args, "memory", False):
+        return None
+    flags = {"top_k": "memory_blocks", "chunk_size": "lookup_chunk"}  # BlockMemory's names -> this command's
+    try:
+        return BlockMemory(block_size=args.block_size, top_k=args.memory_blocks, repr_keys=args.repr_keys,
+                           chunk_size=args.lookup_chunk, lookup_every=args.lookup_every,
+                           max_cpu_blocks=args.max_cpu_blocks, spill_dir=args.spill_dir)
+    except ArgumentError as err:
+        raise ArgumentError(flags.get(err.param, err.param), err.requirement + err.got,
+                            mentions=tuple(flags.get(m, m) for m in err.mentions)) from None
+
+
 #: The command line's repetition penalties: the default model (SmolLM2-135M) loops without one,
 #: greedy or sampled, within a few hundred tokens; 1.1 keeps a long generation going and on topic.
 #: In chat, where the penalty also sees the user's question, 1.1 makes it repeat its previous

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..report import progress_bar, pyplot
-from .options import add_model_options, add_parser, load_model
+from .options import add_model_options, add_parser, load_model, memory_from_args
 from .recall import add_recall_options, encoder, reader_factory, stream_start
 
 DESCRIPTION = """\
@@ -37,11 +37,12 @@ def run(args) -> int:
     bad = [d for d in args.depths if not 0.0 <= d <= 1.0]
     if bad:
         raise ArgumentError("depths", "must be fractions in [0, 1]", bad[0])
-    make_settings(args.methods, args.sink_size, cache_size=args.cache_size)
+    memory = memory_from_args(args) if "memory" in args.methods else None
+    make_settings(args.methods, args.sink_size, cache_size=args.cache_size, memory=memory)
     pyplot()
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args)
-    settings = make_settings(args.methods, args.sink_size, cache_size=args.cache_size)
+    settings = make_settings(args.methods, args.sink_size, cache_size=args.cache_size, memory=memory)
     encode, decode = encoder(tokenizer)
     total = len(settings) * len(args.depths) * args.trials
     with progress_bar(total, "passkey", unit="trial") as bar:

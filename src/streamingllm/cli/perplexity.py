@@ -11,10 +11,10 @@ import sys
 from pathlib import Path
 
 from ..report import progress_bar, pyplot
-from .options import add_model_options, add_parser, load_model, model_label
+from .options import add_memory_options, add_model_options, add_parser, load_model, memory_from_args, model_label
 from ..families import trained_length
 from ..evals.corpus import CORPORA, TextSource, check_window, tokenize_window
-from ..evals.perplexity import (AUTO_RECOMPUTE_TOKENS, METHODS, check_options, evaluate, make_settings, recompute_step,
+from ..evals.perplexity import (ALL_METHODS, AUTO_RECOMPUTE_TOKENS, METHODS, check_options, evaluate, make_settings, recompute_step,
                          sink_tokens, summarize)
 from ..evals.report import format_summary, ordinal, plot_curves, plot_sweep, write_nll_csv, write_summary_csv
 
@@ -53,7 +53,8 @@ def register(sub) -> None:
     src.add_argument("--num-tokens", type=int, help="tokens of the text to score; all when not given")
     cache = p.add_argument_group("methods and caches")
     cache.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                       help=f"one or more of {' '.join(METHODS)}")
+                       help=f"one or more of {' '.join(ALL_METHODS)} (memory: streaming plus a memory of evicted "
+                       "blocks; not run unless named)")
     cache.add_argument("--sink-size", type=int, nargs="+", default=[4], metavar="S", help="attention sinks, one or more values")
     size = cache.add_mutually_exclusive_group()
     size.add_argument("--window-size", type=int, nargs="+", metavar="W",
@@ -73,6 +74,7 @@ def register(sub) -> None:
                       help="summary columns: perplexity per segment of this many tokens; quarters when not given")
     run_.add_argument("--smooth", type=int, default=256, help="plot: moving mean over this many tokens")
     run_.add_argument("--out", type=Path, default=Path("perplexity_out"), help="output folder")
+    add_memory_options(p)
     add_model_options(p)
     p.set_defaults(run=run)
 
@@ -88,7 +90,8 @@ def run(args) -> int:
     check_options(chunk_size=args.chunk_size, recompute_every=args.recompute_every,
                   max_dense_tokens=args.max_dense_tokens, segment_tokens=args.segment_tokens, smooth=args.smooth,
                   sink_text=args.sink_text)
-    make_settings(args.methods, args.sink_size, args.window_size, args.cache_size)
+    memory = memory_from_args(args) if "memory" in args.methods else None
+    make_settings(args.methods, args.sink_size, args.window_size, args.cache_size, memory=memory)
     pyplot()  # the plots' extra, before hours of work rather than after
     args.out.mkdir(parents=True, exist_ok=True)
     text = source.read(None if num_tokens is None else offset + num_tokens)
@@ -96,7 +99,8 @@ def run(args) -> int:
     model, tokenizer = load_model(args)
     ids = tokenize_window(tokenizer, text, offset, num_tokens)
     sink_ids, sink_name = sink_tokens(tokenizer, args.sink_text) if args.sink_text is not None else (None, "")
-    settings = make_settings(args.methods, args.sink_size, args.window_size, args.cache_size, sink_ids, sink_name)
+    settings = make_settings(args.methods, args.sink_size, args.window_size, args.cache_size, sink_ids, sink_name,
+                             memory)
     every = recompute_step(len(ids), args.recompute_every)
     trained = trained_length(model)
     n = len(settings)

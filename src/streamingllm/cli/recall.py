@@ -6,12 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..evals.perplexity import METHODS
+from ..evals.perplexity import ALL_METHODS, METHODS
+from .options import add_memory_options
 
 
 def add_recall_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), metavar="METHOD",
-                   help=f"one or more of {' '.join(METHODS)}")
+                   help=f"one or more of {' '.join(ALL_METHODS)} (memory: streaming plus a memory of evicted "
+                   "blocks; not run unless named)")
     p.add_argument("--sink-size", type=int, nargs="+", default=[4], metavar="S", help="attention sinks (streaming)")
     p.add_argument("--cache-size", type=int, nargs="+", default=[512], metavar="L",
                    help="total cache per method (window and recompute: L recent tokens; streaming: S + W = L)")
@@ -19,6 +21,7 @@ def add_recall_options(p: argparse.ArgumentParser, default_out: str) -> None:
     p.add_argument("--max-dense-tokens", type=int, default=16384, help="dense stops past this many tokens")
     p.add_argument("--seed", type=int, default=0, help="seed of the values and keys")
     p.add_argument("--out", type=Path, default=Path(default_out), help="output folder")
+    add_memory_options(p)
 
 
 def reader_factory(model, args):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from .options import add_cache_options, add_model_options, add_parser
+from .options import add_cache_options, add_conversation_memory_options, add_model_options, add_parser, memory_from_args
 
 DESCRIPTION = """\
 An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models), streamed
@@ -78,6 +78,7 @@ def register(sub) -> None:
                    help="CPUs Ray reserves for each replica; also its torch threads")
     add_model_options(s, compile=True)
     add_cache_options(s)
+    add_conversation_memory_options(s)
     s.set_defaults(run=run)
 
 
@@ -103,7 +104,8 @@ def settings_from_args(args):
         temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, penalty_last_n=args.penalty_last_n,
         max_body_mib=args.max_body_mib, api_key=args.api_key,
-        allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), compile=args.compile).check()
+        allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), compile=args.compile,
+        memory=memory_from_args(args, only_if_asked=True), evict=args.evict).check()
 
 
 def run(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 
 from ..report import progress_bar, pyplot
-from .options import add_model_options, add_parser, load_model
+from .options import add_model_options, add_parser, load_model, memory_from_args
 from .recall import add_recall_options, encoder, reader_factory
 
 DESCRIPTION = """\
@@ -36,13 +36,14 @@ def run(args) -> int:
 
     values, queries = make_stream(args.lines, args.query_every, args.distances, args.seed)
     check_int("bucket_tokens", args.bucket_tokens, 1)
-    make_settings(args.methods, args.sink_size, cache_size=args.cache_size)
+    memory = memory_from_args(args) if "memory" in args.methods else None
+    make_settings(args.methods, args.sink_size, cache_size=args.cache_size, memory=memory)
     pyplot()
     args.out.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_model(args)
     if args.chat and not getattr(tokenizer, "chat_template", None):
         raise ArgumentError("chat", "needs a model whose tokenizer has a chat template")
-    settings = make_settings(args.methods, args.sink_size, cache_size=args.cache_size)
+    settings = make_settings(args.methods, args.sink_size, cache_size=args.cache_size, memory=memory)
     encode, decode = encoder(tokenizer)
     with progress_bar(len(settings) * len(queries), "streameval", unit="question") as bar:
         results = run_streameval(reader_factory(model, args), settings, encode, decode, values, queries,

@@ -35,13 +35,16 @@ import torch
 import torch.nn.functional as F
 
 from ..baselines import recompute_forward
-from ..cache import SinkCache, TrainedLengthWarning
+from ..cache import BlockMemory, MemoryCache, SinkCache, TrainedLengthWarning
 from ..checks import ArgumentError, check_choices, check_int, check_int_list, check_optional_int
 from ..compat import cache_kwargs, new_dense_cache
 from ..feed import iter_chunks
 from ..families import past_trained_length
 
 METHODS: tuple[str, ...] = ("dense", "window", "recompute", "streaming")
+#: Every method: :data:`METHODS` (the default comparison) and ``memory``, streaming plus a memory of
+#: the evicted blocks (:class:`~streamingllm.cache.MemoryCache`), asked for by name.
+ALL_METHODS: tuple[str, ...] = METHODS + ("memory",)
 
 #: ``recompute_every="auto"`` scores about this many tokens.
 AUTO_RECOMPUTE_TOKENS = 256
@@ -59,6 +62,7 @@ class Setting:
         sink_ids: token ids that replace the text's own first tokens as the sinks (``streaming``
             only; prepended to the stream, never scored); None = the text's own first tokens.
         sink_name: how ``sink_ids`` are shown in the label, e.g. ``'"\\n"'``.
+        memory: ``memory`` only: the memory's settings (blocks retrieved, block size, ...).
     """
 
     method: str
@@ -66,10 +70,12 @@ class Setting:
     window_size: int | None = None
     sink_ids: tuple[int, ...] | None = None
     sink_name: str | None = None
+    memory: BlockMemory | None = None
 
     @property
     def cache_size(self) -> int | None:
-        """Tokens the method may hold (S + W); None for dense."""
+        """Tokens the method may hold (S + W); None for dense. ``memory`` attends to its retrieved
+        blocks and partial block besides (``memory.retrieved_tokens``)."""
         return None if self.window_size is None else self.sink_size + self.window_size
 
     @property
@@ -79,7 +85,16 @@ class Setting:
         if self.method == "recompute":
             return f"recompute {self.window_size}"
         sinks = f"{self.sink_size}{self.sink_name}" if self.sink_ids else str(self.sink_size)
-        return f"{self.method} {sinks}+{self.window_size}"
+        extra = f" {self.memory.label()}" if self.memory is not None else ""
+        return f"{self.method} {sinks}+{self.window_size}{extra}"
+
+    def build_cache(self, model):
+        """The cache that holds this setting's stream (``window``, ``streaming``, ``memory``)."""
+        if self.method == "memory":
+            return MemoryCache(model, self.sink_size, self.window_size, self.memory)
+        if self.method in ("window", "streaming"):
+            return SinkCache(model, sink_size=self.sink_size, window_size=self.window_size)
+        raise ValueError(f"{self.method} reads without a streaming cache")
 
 
 @dataclass
@@ -140,6 +155,7 @@ def make_settings(
     cache_size: int | Sequence[int] | None = None,
     sink_ids: Sequence[int] | None = None,
     sink_name: str = '"text"',
+    memory: BlockMemory | None = None,
 ) -> list[Setting]:
     """Expand methods x cache configurations into the list of settings to evaluate.
 
@@ -155,8 +171,10 @@ def make_settings(
         cache_size: total cache sizes L (tokens, > every S), one or a list.
         sink_ids: replace the sinks by these token ids, cycled to length S (streaming only).
         sink_name: how ``sink_ids`` are shown in labels.
+        memory: the memory's settings for ``memory`` (default :class:`~streamingllm.cache.BlockMemory`()):
+            it keeps the same S + W as streaming, plus what it retrieves.
     """
-    methods = check_choices("methods", methods, METHODS)
+    methods = check_choices("methods", methods, ALL_METHODS)
     sinks = _int_list("sink_size", sink_size, 0)
     if window_size is not None and cache_size is not None:
         raise ArgumentError("window_size", "cannot be combined with a cache size (W = cache size - S): give one of them")
@@ -178,6 +196,9 @@ def make_settings(
             out.append(Setting("dense"))
         elif m in ("window", "recompute"):
             out += [Setting(m, 0, total) for total in totals]
+        elif m == "memory":
+            out += [Setting("memory", s, w, memory=memory or BlockMemory())
+                    for s, w in sorted(set(pairs), key=lambda p: (p[0] + p[1], p[0]))]
         else:
             for s, w in sorted(set(pairs), key=lambda p: (p[0] + p[1], p[0])):
                 ids = tuple(sink_ids[i % len(sink_ids)] for i in range(s)) if sink_ids is not None and s else None
@@ -269,7 +290,8 @@ def _nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 def score_cached(model, ids: torch.Tensor, setting: Setting, chunk_size: int = 256, progress: Progress | None = None) -> Scores:
-    """``window`` or ``streaming``: stream ``ids`` through a SinkCache in exact chunks.
+    """``window``, ``streaming`` or ``memory``: stream ``ids`` through the setting's cache in exact chunks
+    (``memory``: chunks of at most its lookup size, each one lookup).
 
     Args:
         model: a causal LM of a family SinkCache supports.
@@ -280,7 +302,7 @@ def score_cached(model, ids: torch.Tensor, setting: Setting, chunk_size: int = 2
     """
     prefix = torch.tensor(setting.sink_ids or (), dtype=torch.long)
     stream = torch.cat((prefix, ids[:-1].cpu()))  # the last token predicts nothing
-    cache = SinkCache(model, sink_size=setting.sink_size, window_size=setting.window_size)
+    cache = setting.build_cache(model)
     targets = ids.to(model.device)
     k = len(prefix)  # stream index i predicts text token i + 1 - k
     parts, t0 = [], time.perf_counter()
@@ -400,8 +422,8 @@ def evaluate(
             mentions=("num_tokens", "max_dense_tokens"))
     with _trained_length_said_once():
         for s in settings:  # fail before hours of work, not after
-            if s.method in ("window", "streaming"):
-                SinkCache(model, sink_size=s.sink_size, window_size=s.window_size)
+            if s.method in ("window", "streaming", "memory"):
+                s.build_cache(model)
     check_trained_length(model, settings)
     results = []
     for s in settings:

@@ -7,6 +7,7 @@ user). One class per way of holding the past, at the same cache of ``L`` tokens:
 * :class:`CachedReader` ``dense``: a DynamicCache keeps every token (stops past ``max_tokens``);
 * :class:`CachedReader` ``window`` / ``streaming``: a SinkCache without / with sinks, fed in
   exact chunks (:func:`streamingllm.feed.iter_chunks`, as the perplexity evaluation does);
+  ``memory``: a MemoryCache (streaming plus a memory of the evicted blocks), the same way;
 * :class:`RecomputeReader` ``recompute``: the last ``L`` tokens re-read for every answer token.
 
 The recall evaluations (:mod:`.passkey`, :mod:`.streameval`) take any object with these two
@@ -22,7 +23,6 @@ from typing import Protocol
 import torch
 
 from ..baselines import recompute_forward
-from ..cache import SinkCache
 from ..compat import cache_kwargs, new_dense_cache
 from ..feed import iter_chunks
 from .perplexity import Setting
@@ -43,7 +43,7 @@ class Reader(Protocol):
 
 
 class CachedReader:
-    """``dense``, ``window`` or ``streaming`` (see :class:`~streamingllm.evals.perplexity.Setting`).
+    """``dense``, ``window``, ``streaming`` or ``memory`` (see :class:`~streamingllm.evals.perplexity.Setting`).
 
     Args:
         model: a causal LM.
@@ -54,11 +54,11 @@ class CachedReader:
     """
 
     def __init__(self, model, setting: Setting, chunk_size: int = 256, max_tokens: int | None = None):
-        if setting.method not in ("dense", "window", "streaming"):
-            raise ValueError(f"CachedReader reads with dense, window or streaming, not {setting.method!r}")
+        if setting.method not in ("dense", "window", "streaming", "memory"):
+            raise ValueError(f"CachedReader reads with dense, window, streaming or memory, not {setting.method!r}")
         self.model, self.setting, self.chunk_size, self.max_tokens = model, setting, chunk_size, max_tokens
         self.dense = setting.method == "dense"
-        self.cache = new_dense_cache(model) if self.dense else SinkCache(model, setting.sink_size, setting.window_size)
+        self.cache = new_dense_cache(model) if self.dense else setting.build_cache(model)
         self.tokens = 0
         self.logits: torch.Tensor | None = None  # the last token's, predicting the next
 

@@ -294,7 +294,8 @@ class RedisBackend:
         state = session.state()
         held = self._held.get(sid)
         prev = held.state if held is not None and held.version == version else None
-        blob = None if prev is None else encode(diff_state(prev, state))
+        delta = None if prev is None else diff_state(prev, state)
+        blob = None if delta is None or "whole" in delta else encode(delta)  # no delta: a new base
         whole = blob is None or held.log_bytes + len(blob) > self.compact_ratio * held.base_bytes
         if whole:
             blob = encode(state)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..cache import SinkCache
+from ..cache import BlockMemory, MemoryCache, SinkCache
 from ..compiled import DecodeStep
 from ..feed import decode_rows, iter_chunks, token_logprobs
 from ..sampling import TokenChooser
@@ -114,14 +114,19 @@ class Engine:
         metrics: optional :class:`~streamingllm.serve.metrics.Metrics` to record into.
         compile: a lone request's decode steps compiled (``"auto"``: on CUDA); the warm-up is said
             on stderr (:class:`~streamingllm.compiled.DecodeStep`).
+        memory: every cache keeps a memory of evicted blocks (:class:`~streamingllm.cache.BlockMemory`);
+            such streams are decoded one by one, not in a shared batched forward.
+        evict: sessions evict ``"tokens"`` or whole ``"turns"`` (:class:`~streamingllm.session.Session`).
     """
 
     def __init__(self, model, tokenizer, sink_size: int, window_size: int, store: SessionStore, *,
                  chunk_size: int = 256, max_batch: int = 8, max_queue: int = 64, max_prompt_tokens: int = 65536,
-                 max_tokens: int = 512, penalty_last_n: int = 64, metrics=None, compile: str | bool = "auto"):
+                 max_tokens: int = 512, penalty_last_n: int = 64, metrics=None, compile: str | bool = "auto",
+                 memory: BlockMemory | None = None, evict: str = "tokens"):
         self.model, self.tokenizer, self.store, self.metrics = model, tokenizer, store, metrics
         self.decode = DecodeStep(model, compile, on_compile=lambda line: print(line, file=sys.stderr, flush=True))
         self.sink_size, self.window_size = sink_size, window_size
+        self.memory, self.evict = memory, evict
         self.chunk_size, self.max_batch, self.max_queue = chunk_size, max_batch, max_queue
         self.max_prompt_tokens, self.max_tokens, self.penalty_last_n = max_prompt_tokens, max_tokens, penalty_last_n
         self.stop_ids = stop_token_ids(tokenizer)
@@ -166,7 +171,8 @@ class Engine:
     def new_session(self, system: str | None, pin_system: bool) -> Session:
         """An empty conversation with this server's cache sizes."""
         return Session(self.model, self.tokenizer, self.sink_size, self.window_size, system=system,
-                       chunk_size=self.chunk_size, pin_system=pin_system and system is not None)
+                       chunk_size=self.chunk_size, pin_system=pin_system and system is not None, memory=self.memory,
+                       evict=self.evict)
 
     # --- the intake thread ----------------------------------------------------------------
 
@@ -193,7 +199,7 @@ class Engine:
                 run.session, run.restored = self.store.session(job.entry, system)
             else:
                 run.session = self.new_session(system, False)
-            run.turn = run.session.prepare(request.messages)
+            run.turn = run.session.prepare(request.messages, request.max_tokens)
             run.ids = run.turn.prompt_ids
         else:
             run.ids = self.tokenizer(request.prompt, return_tensors="pt").input_ids[0]
@@ -246,7 +252,8 @@ class Engine:
         if run.session is not None:
             run.cache = run.session.cache
         else:
-            run.cache = SinkCache(self.model, self.sink_size, self.window_size)
+            run.cache = (SinkCache(self.model, self.sink_size, self.window_size) if self.memory is None
+                         else MemoryCache(self.model, self.sink_size, self.window_size, self.memory))
         if job.entry is not None:
             self.store.adopt(job.entry, run.session)
             self.store.enforce_budget()

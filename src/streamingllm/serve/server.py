@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..cache.blocks import BlockMemory
 from ..checks import ArgumentError, check_choice, check_float, check_int
 from ..compiled import COMPILE
 from ..sampling import SAMPLING_KEYS, Sampling, model_sampling
+from ..session import EVICTION
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")  # the names a server bound to loopback answers to
 
@@ -45,6 +47,9 @@ class ServerSettings:
         penalty_last_n: tokens the repetition penalties look at.
         compile: a lone request's decode steps compiled: ``"auto"`` (on CUDA), ``"on"``, ``"off"``
             (:mod:`streamingllm.compiled`).
+        memory: each session keeps what leaves its window in a memory of blocks
+            (:class:`~streamingllm.cache.BlockMemory`); None: StreamingLLM's cache.
+        evict: ``"tokens"`` or ``"turns"``: sessions evict whole exchanges (:class:`~streamingllm.session.Session`).
     """
 
     sink_size: int = 4
@@ -73,12 +78,17 @@ class ServerSettings:
     allowed_hosts: tuple[str, ...] | None = LOOPBACK_NAMES
     penalty_last_n: int = 64
     compile: str = "auto"
+    memory: BlockMemory | None = None
+    evict: str = "tokens"
 
     def check(self) -> ServerSettings:
         from ..cache import check_cache_sizes
 
         check_cache_sizes(self.sink_size, self.window_size)
         check_choice("compile", self.compile, list(COMPILE))
+        check_choice("evict", self.evict, list(EVICTION))
+        if self.memory is not None and not isinstance(self.memory, BlockMemory):
+            raise ArgumentError("memory", "must be a streamingllm.BlockMemory or None", self.memory)
         for name, low in (("chunk_size", 1), ("max_batch", 1), ("max_queue", 0), ("max_sessions", 1),
                           ("max_sessions_known", 1), ("max_prompt_tokens", 1), ("max_tokens", 1), ("penalty_last_n", 0)):
             check_int(name, getattr(self, name), low)
@@ -145,7 +155,8 @@ def build_app(model, tokenizer, model_name: str, settings: ServerSettings):
                          max_known=s.max_sessions_known, backend=backend)
     engine = Engine(model, tokenizer, s.sink_size, s.window_size, store, chunk_size=s.chunk_size,
                     max_batch=s.max_batch, max_queue=s.max_queue, max_prompt_tokens=s.max_prompt_tokens,
-                    max_tokens=s.max_tokens, penalty_last_n=s.penalty_last_n, compile=s.compile)
+                    max_tokens=s.max_tokens, penalty_last_n=s.penalty_last_n, compile=s.compile, memory=s.memory,
+                    evict=s.evict)
     engine_ref["engine"] = engine
     app = create_app(engine, store, model_name, api_key=s.api_key, max_body_bytes=int(s.max_body_mib * 2**20),
                      allowed_hosts=s.allowed_hosts,
