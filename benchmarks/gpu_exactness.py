@@ -6,6 +6,9 @@
    exact chunks against the same weights on the CPU alone, fed token by token (the definition of
    exactness, held to the tests' slow reference by tests/core).
 3. The prepared, compiled decode step on CUDA against eager.
+4. The memory of evicted blocks (MemoryCache) on CUDA against the same cache on the CPU over 3,000
+   evicting tokens (same blocks retrieved), and a state saved on CUDA, restored into a new cache
+   before its first forward (it is read onto the CPU), continuing exactly.
 
     python benchmarks/gpu_exactness.py --out "$OUT" [--tokens 30000]
 
@@ -69,6 +72,27 @@ def compiled_check(device: str) -> dict:
             "seconds": time.perf_counter() - t0}
 
 
+def memory_check(device: str) -> dict:
+    """MemoryCache on ``device`` against the CPU, float32; and a restored state continuing there."""
+    from streamingllm import BlockMemory, MemoryCache
+
+    memory = BlockMemory(block_size=16, top_k=3, repr_keys=4, chunk_size=16)
+    ids = torch.randint(0, VOCAB, (1, 3000), generator=torch.Generator().manual_seed(3))
+    cpu, gpu = tiny_llama(), tiny_llama().to(device)
+    ref_cache, cache = MemoryCache(cpu, 4, 60, memory), MemoryCache(gpu, 4, 60, memory)
+    ref = prefill(cpu, ref_cache, ids[:, :2900], chunk_size=16, return_all_logits=True)
+    got = prefill(gpu, cache, ids[:, :2900].to(device), chunk_size=16, return_all_logits=True).cpu()
+    same_blocks = ref_cache.retrieved() == cache.retrieved()
+    restored = MemoryCache(gpu, 4, 60, memory)
+    restored.load_state_dict(cache.state_dict())
+    a = prefill(gpu, cache, ids[:, 2900:].to(device), chunk_size=1, return_all_logits=True)
+    b = prefill(gpu, restored, ids[:, 2900:].to(device), chunk_size=1, return_all_logits=True)
+    lp = lambda x: torch.log_softmax(x.double(), -1)  # noqa: E731
+    return {"check": "memory_cache", "max_abs_logp_diff": (lp(got) - lp(ref)).abs().max().item(),
+            "same_blocks": same_blocks, "blocks": cache.memory_blocks,
+            "restored_max_abs_diff": (a - b).abs().max().item()}
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -83,7 +107,7 @@ def main(argv=None) -> None:
         print(json.dumps(rows[-1]), flush=True)
         write_csv(rows, args.out / "drift.csv", list(rows[0]))
     checks = []
-    for check in (device_map_check, compiled_check):
+    for check in (device_map_check, compiled_check, memory_check):
         try:
             checks.append(check(args.device))
         except Exception as error:  # keep the other results

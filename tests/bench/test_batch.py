@@ -20,6 +20,7 @@ def test_bench_batch_rows_and_ratios_against_the_smallest_batch(llama, tmp_path,
         assert r["steps"] == 3 and 0 < r["median_ms"] <= r["p90_ms"] and r["mean_ms"] > 0
         assert r["step_ratio"] == pytest.approx(r["median_ms"] / one["median_ms"])
         assert r["tokens_per_s"] == pytest.approx(1e3 * r["batch"] / r["median_ms"])
+        assert r["median_ms"] <= r["p99_ms"] and r["vs_limit"] == pytest.approx(r["median_ms"] / r["limit_ms"])
         assert r["speedup"] == pytest.approx(r["tokens_per_s"] / one["tokens_per_s"])
         assert r["stacked"] == (r["batch"] > 1)  # Llama's streams share one forward
     header, table = read_csv(write_csv(rows, tmp_path / "batch.csv", bench.BATCH_COLUMNS))

@@ -13,6 +13,7 @@ def test_latency_stats_odd_count_hand_computed():
     assert s["n"] == 5
     assert s["median_ms"] == pytest.approx(3.0)
     assert s["p90_ms"] == pytest.approx(7.6)
+    assert s["p99_ms"] == pytest.approx(9.76)  # h = 3.96 -> 4 + 0.96 * 6
     assert s["mean_ms"] == pytest.approx(4.0)
 
 

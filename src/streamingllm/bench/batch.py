@@ -21,11 +21,12 @@ from ..feed import decode_rows
 from ..report import progress_bar
 from .arms import Forward
 from .decode import FILL_EXTRA, check_sizes
+from .roofline import copy_bandwidth, kv_bytes, weight_bytes
 from .schedule import interleave
 from .stats import arm_stats
 
-BATCH_COLUMNS = ["size", "batch", "stacked", "steps", "median_ms", "p90_ms", "mean_ms", "step_ratio", "tokens_per_s",
-                 "speedup"]
+BATCH_COLUMNS = ["size", "batch", "stacked", "steps", "median_ms", "p90_ms", "p99_ms", "mean_ms", "step_ratio",
+                 "tokens_per_s", "speedup", "limit_ms", "vs_limit"]
 
 
 def check_batch_args(sizes, batch=(1, 2, 4, 8), steps: int = 64, warmup: int = 8, sink_size: int = 4,
@@ -63,12 +64,15 @@ def bench_batch(model, batch: Sequence[int] = (1, 2, 4, 8), sizes: Sequence[int]
     Returns:
         One row per (size, batch) with :data:`BATCH_COLUMNS`: ``stacked`` (B > 1 and the streams
         shared one forward; False too where the family runs them one after the other), ``steps`` (timed),
-        ``median_ms``, ``p90_ms``, ``mean_ms`` (one step of all B streams, ms), ``step_ratio``
-        (median over the smallest batch's median), ``tokens_per_s`` (B / median) and ``speedup``
-        (tokens_per_s over the smallest batch's).
+        ``median_ms``, ``p90_ms``, ``p99_ms``, ``mean_ms`` (one step of all B streams, ms),
+        ``step_ratio`` (median over the smallest batch's median), ``tokens_per_s`` (B / median),
+        ``speedup`` (tokens_per_s over the smallest batch's), ``limit_ms`` (the step's
+        memory-bandwidth limit: the weights read once and every stream's N + 1 keys and values
+        once, at the measured copy bandwidth: :mod:`.roofline`) and ``vs_limit`` (median / limit).
     """
     a = check_batch_args(sizes, batch, steps, warmup, sink_size, block)
     fwd, gen, vocab, most = Forward(model), torch.Generator().manual_seed(seed), vocab_size(model), max(a["batch"])
+    bandwidth = copy_bandwidth(model.device)
     bar = progress_bar(len(a["sizes"]) * len(a["batch"]) * (a["steps"] + a["warmup"]), "batch", "step", progress)
     rows = []
     try:
@@ -88,10 +92,12 @@ def bench_batch(model, batch: Sequence[int] = (1, 2, 4, 8), sizes: Sequence[int]
             stats = arm_stats(times, baseline=a["batch"][0])
             base_rate = a["batch"][0] / stats[a["batch"][0]]["median_ms"]
             for b, s in stats.items():
+                limit = 1000 * (weight_bytes(model) + b * kv_bytes(model, n + 1)) / bandwidth
                 rows.append({"size": n, "batch": b, "stacked": b > 1 and all(c.can_stack for c in streams[b]),
-                             "steps": s["n"], "median_ms": s["median_ms"], "p90_ms": s["p90_ms"],
+                             "steps": s["n"], "median_ms": s["median_ms"], "p90_ms": s["p90_ms"], "p99_ms": s["p99_ms"],
                              "mean_ms": s["mean_ms"], "step_ratio": s["vs_baseline"],
-                             "tokens_per_s": 1e3 * b / s["median_ms"], "speedup": b / s["median_ms"] / base_rate})
+                             "tokens_per_s": 1e3 * b / s["median_ms"], "speedup": b / s["median_ms"] / base_rate,
+                             "limit_ms": limit, "vs_limit": s["median_ms"] / limit})
                 if on_row is not None:
                     on_row(rows[-1])
             streams = None  # freed before the next size's caches are filled

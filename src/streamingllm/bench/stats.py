@@ -20,9 +20,9 @@ def latency_stats(samples_s: Iterable[float]) -> dict:
         samples_s: latencies in **seconds** (finite, >= 0), at least one.
 
     Returns:
-        ``{"median_ms", "p90_ms", "mean_ms", "n"}``: median, 90th percentile (numpy's linear
-        interpolation between closest ranks) and arithmetic mean, in **milliseconds**, and the
-        number of samples.
+        ``{"median_ms", "p90_ms", "p99_ms", "mean_ms", "n"}``: median, 90th and 99th percentiles
+        (numpy's linear interpolation between closest ranks) and arithmetic mean, in
+        **milliseconds**, and the number of samples.
     """
     try:
         xs = np.asarray([float(x) for x in samples_s], dtype=np.float64) * 1e3
@@ -32,8 +32,9 @@ def latency_stats(samples_s: Iterable[float]) -> dict:
         raise ArgumentError("samples_s", "is empty: give at least one latency (seconds)")
     if not np.isfinite(xs).all() or (xs < 0).any():
         raise ArgumentError("samples_s", "must be finite and >= 0 (seconds)", samples_s)
-    median, p90 = np.percentile(xs, [50, 90])
-    return {"median_ms": float(median), "p90_ms": float(p90), "mean_ms": float(xs.mean()), "n": int(xs.size)}
+    median, p90, p99 = np.percentile(xs, [50, 90, 99])
+    return {"median_ms": float(median), "p90_ms": float(p90), "p99_ms": float(p99), "mean_ms": float(xs.mean()),
+            "n": int(xs.size)}
 
 
 def arm_stats(times_s: Mapping[str, Iterable[float]], baseline: str | None = None) -> dict[str, dict]:
