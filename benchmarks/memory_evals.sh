@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # The evaluations of the memory of evicted blocks (issue 26) in docs/results.md, one after the other
-# on a quiet machine (about 70 minutes on 2 CPU cores). Usage, in the project's venv:
-#   bash benchmarks/memory_evals.sh [step ...]     (steps: passkey2k passkey8k ppl gemma3 streameval passkey32k)
+# on a quiet machine. Usage, in the project's venv:
+#   bash benchmarks/memory_evals.sh [step ...]
+# Steps: passkey2k (about 15 minutes on 2 CPU cores), passkey8k (about 35), ppl (about 8), gemma3 (passkey),
+# gemma3ppl, streameval, passkey32k; all of them by default.
 # then: python benchmarks/memory_cost.py and python benchmarks/chat_recall.py (see their docstrings)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out=docs/bench/memory
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(passkey2k passkey8k ppl gemma3 streameval passkey32k)
+[ ${#steps[@]} -eq 0 ] && steps=(passkey2k passkey8k ppl gemma3 gemma3ppl streameval passkey32k)
 for step in "${steps[@]}"; do
   case $step in
     passkey2k) streamingllm passkey --methods dense window recompute streaming memory --cache-size 256 1024 \
@@ -19,9 +21,9 @@ for step in "${steps[@]}"; do
          streamingllm perplexity --corpus austen --num-tokens 20000 --methods memory --cache-size 1024 --lookup-every 4 \
            --out $out/perplexity_every4 ;;
     gemma3) streamingllm passkey --model gemma3-270m --methods streaming memory --cache-size 512 --total-tokens 4096 \
-              --depths 0.1 0.5 0.9 --trials 1 --out $out/gemma3_passkey
-            streamingllm perplexity --model gemma3-270m --corpus austen --num-tokens 8192 --methods streaming memory \
-              --cache-size 1024 --out $out/gemma3_perplexity ;;
+              --depths 0.1 0.5 0.9 --trials 1 --out $out/gemma3_passkey ;;
+    gemma3ppl) streamingllm perplexity --model gemma3-270m --corpus austen --num-tokens 8192 --methods streaming memory \
+                 --cache-size 1024 --out $out/gemma3_perplexity ;;
     streameval) streamingllm streameval --lines 200 --distances 5 10 20 --methods streaming memory --cache-size 512 \
                   --bucket-tokens 1024 --out $out/streameval
                 streamingllm streameval --lines 200 --distances 5 10 20 --methods streaming memory --cache-size 512 \
