@@ -2,7 +2,7 @@
 # The evaluations of the memory of evicted blocks (issue 26) in docs/results.md, one after the other
 # on a quiet machine. Usage, in the project's venv:
 #   bash benchmarks/memory_evals.sh [step ...]
-# Steps: passkey2k (about 15 minutes on 2 CPU cores), passkey8k (about 35), ppl (about 8), gemma3 (passkey),
+# Steps: passkey2k, passkey8k, ppl, gemma3 (passkey),
 # gemma3ppl, streameval, passkey32k; all of them by default.
 # then: python benchmarks/memory_cost.py and python benchmarks/chat_recall.py (see their docstrings)
 set -euo pipefail

@@ -26,6 +26,7 @@ where it departs from the paper; ``tests/memory_reference.py`` is the slow refer
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
@@ -179,7 +180,7 @@ class MemoryLayer(DynamicLayer):
             raise ValueError(f"MemoryCache holds one stream; got a batch of {key_states.shape[0]}")
         p, q = self.cache.frame
         keys = key_states[0].to(compute_dtype(key_states.dtype))
-        raw = self.rotator.rotate_by(keys, tuple(-(p + i) for i in range(q)))  # the model's rotation undone
+        raw = self.rotator.rotate_by(keys, _positions(-p, q, -1))  # the model's rotation undone
         self.pending = MemoryView(self, raw, value_states[0])
         attach_memory(key_states, self.pending)
         return key_states, value_states
@@ -256,7 +257,7 @@ class MemoryView:
             keys, values, parts = [], [], []
             if w:
                 k, v, _ = layer.window.view()
-                keys.append(rot.rotate_by(k, tuple(p - w + j for j in range(w))))
+                keys.append(rot.rotate_by(k, _positions(p - w, w)))
                 values.append(v)
             allowed = _sliding_allowed(w, q, layer.native_window, query.device)
         else:
@@ -265,7 +266,7 @@ class MemoryView:
             n_s = len(layer.sinks)
             if n_s:
                 k, v, _ = layer.sinks.view()
-                keys.append(rot.rotate_by(k, tuple(frame + s for s in range(n_s))))
+                keys.append(rot.rotate_by(k, _positions(frame, n_s)))
                 values.append(v)
             mem_k, mem_v = self._memory(query, frame + n_s, dtype)
             if mem_k is not None:
@@ -275,7 +276,7 @@ class MemoryView:
             if w:
                 k, v, _ = layer.window.view()
                 start = frame + n_s + before.memory_slot
-                keys.append(rot.rotate_by(k, tuple(start + j for j in range(w))))
+                keys.append(rot.rotate_by(k, _positions(start, w)))
                 values.append(v)
             held = sum(k.shape[1] for k in keys)
             allowed = _allowed(held, q, query.device)
@@ -343,6 +344,14 @@ class MemoryView:
             layer.to_memory(over)
 
 
+@lru_cache(maxsize=256)
+def _positions(start: int, n: int, step: int = 1) -> tuple[int, ...]:
+    """``(start, start + step, ...)``, ``n`` of them: the rotation deltas of a run of keys (the same
+    runs recur at every layer and, once the cache is full, at every step; built once)."""
+    return tuple(range(start, start + step * n, step))
+
+
+@lru_cache(maxsize=64)
 def _allowed(held: int, q: int, device) -> torch.Tensor:
     """(q, held + q): every query sees everything held, and the new tokens up to itself."""
     allowed = torch.ones((q, held + q), dtype=torch.bool, device=device)
@@ -350,6 +359,7 @@ def _allowed(held: int, q: int, device) -> torch.Tensor:
     return allowed
 
 
+@lru_cache(maxsize=64)
 def _sliding_allowed(w: int, q: int, window: int, device) -> torch.Tensor:
     """(q, w + q): query ``i`` sees the tokens at most ``window - 1`` before it, and itself."""
     at = w + torch.arange(q, device=device)[:, None]
