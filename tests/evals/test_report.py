@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from streamingllm import BlockMemory
+from streamingllm.checks import ArgumentError
 from streamingllm.evals.perplexity import Scores, Setting, summarize
 from streamingllm.evals.report import (
     curve_labels,
@@ -77,6 +79,21 @@ def test_nll_csv_round_trip_keeps_large_nll_exact(tmp_path):
     r = scores(Setting("streaming", 4, 12, (5,) * 4, '"\\n"'), np.array([12.3456789, 0.000123456, 30.5]))
     back = read_nll_csv(write_nll_csv([r], tmp_path / "nll.csv"))
     assert back[0].setting.label == r.setting.label and np.abs(back[0].nll - r.nll).max() < 1e-6
+
+
+@pytest.mark.parametrize("memory", [BlockMemory(), BlockMemory(block_size=32, top_k=2, lookup_every=4),
+                                    BlockMemory(block_size=2, top_k=1, repr_keys=2)])
+def test_nll_csv_round_trip_keeps_the_memory_settings_its_label_names(tmp_path, memory):
+    r = scores(Setting("memory", 4, 12, memory=memory), np.array([1.5, 2.5]))
+    back = read_nll_csv(write_nll_csv([r], tmp_path / "nll.csv"))[0].setting
+    assert back.label == r.setting.label and back.method == "memory"
+    assert (back.memory.top_k, back.memory.block_size, back.memory.lookup_every) == (
+        memory.top_k, memory.block_size, memory.lookup_every)
+
+
+def test_a_memory_label_that_names_no_settings_is_refused():
+    with pytest.raises(ArgumentError, match="label"):
+        BlockMemory.from_label("k4by128")
 
 
 def test_figures_are_written(results, tmp_path):

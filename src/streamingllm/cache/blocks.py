@@ -16,6 +16,7 @@ blocks") for every choice and where it departs from the paper.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,17 @@ class BlockMemory:
     def label(self) -> str:
         """Short text for tables: ``k4x128`` (``k4x128/4`` when looking up every 4 forwards)."""
         return f"k{self.top_k}x{self.block_size}" + (f"/{self.lookup_every}" if self.lookup_every > 1 else "")
+
+    @classmethod
+    def from_label(cls, label: str) -> BlockMemory:
+        """The settings a :meth:`label` names (``k4x128``, ``k4x128/4``); the ones it does not name
+        (``repr_keys``, ``chunk_size``, the store's bound) take their defaults."""
+        match = re.fullmatch(r"k(\d+)x(\d+)(?:/(\d+))?", label)
+        if match is None:
+            raise ArgumentError("label", "must read k<top_k>x<block_size>[/<lookup_every>], e.g. k4x128/4", label)
+        top_k, block_size, every = match.groups()
+        return cls(block_size=int(block_size), top_k=int(top_k), lookup_every=int(every or 1),
+                   repr_keys=min(cls.repr_keys, int(block_size)))
 
 
 class BlockStore:
@@ -181,11 +193,20 @@ class BlockStore:
         return sum(p.stat().st_size for p in self.spilled.values())
 
     def state(self) -> dict:
-        """The blocks, for a saved state (spilled blocks read back; forgotten ones stay forgotten)."""
-        blocks = [None if b in self.forgotten else self.fetch([b], "cpu", self.keys[b].dtype if self.keys[b] is not None
-                                                               else torch.float32) for b in range(len(self))]
-        return {"blocks": [None if x is None else (x[0][0], x[1][0]) for x in blocks],
-                "summaries": self.summaries.cpu().clone() if len(self) else None}
+        """The blocks, for a saved state: ``blocks`` (per block its keys and values, None when
+        forgotten) and ``summaries``. A block is never changed once written, so the state shares
+        the resident blocks' tensors (on the CPU) rather than copying them; spilled blocks are
+        mapped from their files, read when the state is written."""
+        blocks = []
+        for b in range(len(self)):
+            if b in self.forgotten:
+                blocks.append(None)
+            elif self.keys[b] is not None:
+                blocks.append((self.keys[b].cpu(), self.values[b].cpu()))
+            else:
+                saved = torch.load(self.spilled[b], mmap=True, weights_only=True)
+                blocks.append((saved["keys"], saved["values"]))
+        return {"blocks": blocks, "summaries": self.summaries.cpu().clone() if len(self) else None}
 
     def restore(self, state: dict) -> None:
         """Put back the blocks of :meth:`state` (the store must be empty)."""

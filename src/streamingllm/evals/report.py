@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..cache.blocks import BlockMemory
 from ..report import format_table, format_value, pyplot, save_figure, write_csv
 from .perplexity import Scores, Setting, Summary, subsampled
 
@@ -103,7 +104,8 @@ def read_nll_csv(path: str | Path) -> list[Scores]:
         method, sinks = row["method"], int(row["sink_size"])
         window = int(row["window_size"]) if row["window_size"] else None
         name = label.split(" ", 1)[1][len(str(sinks)) : -len(f"+{window}")] if method == "streaming" else ""
-        setting = Setting(method, sinks, window, (0,) * sinks if name else None, name or None)
+        memory = BlockMemory.from_label(label.rsplit(" ", 1)[1]) if method == "memory" else None
+        setting = Setting(method, sinks, window, (0,) * sinks if name else None, name or None, memory)
         tokens = np.array(toks)
         every = int(tokens[1] - tokens[0]) if method == "recompute" and len(tokens) > 1 else 1
         out.append(Scores(setting, tokens, np.array(nll), 0.0, every))
