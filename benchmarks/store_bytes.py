@@ -8,9 +8,13 @@ the state dir writes) and as the delta from the previous turn's state
 messages), and the delta chain is applied to check that it rebuilds the live state bit for bit.
 Prints a table per turn and the summary (mean, median, p95 bytes per turn each way, and the
 ratios), and writes ``store_bytes.csv`` and ``store_bytes.png`` into ``--out``. A turn with a
-rebase (every window key rotated) writes about the whole window. Run from the repository root:
+rebase (every window key rotated) writes about the whole window. ``--memory`` gives the session a
+memory of evicted blocks (``BlockMemory()``, whole exchanges evicted into it): its whole state grows
+with the conversation, its delta holds the turn's new blocks. Run from the repository root:
 
     . .venv/bin/activate && python benchmarks/store_bytes.py --turns 40 --max-tokens 32 --out docs/bench/
+    . .venv/bin/activate && python benchmarks/store_bytes.py --memory --window-size 252 --turns 40 --max-tokens 32 \
+        --out docs/bench/memory/store_bytes
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from streamingllm import load
+from streamingllm import BlockMemory, load
 from streamingllm.evals.corpus import CorpusError, austen_text
 from streamingllm.models import DEFAULT_MODEL
 from streamingllm.report import format_table, pyplot, save_figure, write_csv
@@ -59,10 +63,11 @@ def user_messages(turns: int, corpus: str, seed: int) -> list[str]:
 def run(args) -> list[dict]:
     """One row per turn (:data:`COLUMNS`); checks that the chained deltas rebuild every state."""
     model, tokenizer = load(args.model)
+    memory = dict(memory=BlockMemory(), evict="turns") if args.memory else {}
     session = Session(model, tokenizer, args.sink_size, args.window_size, system="Answer in one short sentence.",
-                      max_new_tokens=args.max_tokens)
+                      max_new_tokens=args.max_tokens, **memory)
     prev = rebuilt = None
-    rows = []
+    rows, seen = [], 0
     for turn, text in enumerate(user_messages(args.turns, args.corpus, args.seed), 1):
         "".join(session.reply(text))
         state = session.state()
@@ -73,10 +78,11 @@ def run(args) -> list[dict]:
         if not states_equal(rebuilt, state):
             raise AssertionError(f"turn {turn}: the chained deltas do not rebuild the state")
         whole, part = len(encode(state)), len(encode(delta))
-        added = state["cache"]["timelines"][0]["seen"] - (prev["cache"]["timelines"][0]["seen"] if prev else 0)
+        added = session.cache.seen_tokens - seen
+        seen = session.cache.seen_tokens
         rows.append({"turn": turn, "user_words": len(text.split()), "tokens_added": added,
-                     "seen_tokens": session.cache.seen_tokens, "whole_bytes": whole, "delta_bytes": part,
-                     "ratio": whole / part, "rebase": int(rebased(prev, state)), "diff_ms": diff_ms})
+                     "seen_tokens": seen, "whole_bytes": whole, "delta_bytes": part, "ratio": whole / part,
+                     "rebase": int(not args.memory and rebased(prev, state)), "diff_ms": diff_ms})
         prev = state
     return rows
 
@@ -116,6 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-tokens", type=int, default=32, help="most tokens per (greedy) reply")
     p.add_argument("--corpus", choices=("austen", "fixed"), default="austen", help="where the user messages come from")
     p.add_argument("--seed", type=int, default=0, help="seed of the message lengths and passages")
+    p.add_argument("--memory", action="store_true", help="a memory of evicted blocks, whole exchanges evicted into it")
     p.add_argument("--out", type=Path, default=Path("docs/bench"))
     a = p.parse_args(argv)
     rows = run(a)
@@ -124,7 +131,8 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(format_table(["bytes per turn", "whole MB", "delta MB", "whole / delta"], summary(rows)))
     write_csv(rows, a.out / "store_bytes.csv", COLUMNS)
-    plot(rows, a.out / "store_bytes.png", f"{a.model}, cache {a.sink_size}+{a.window_size}: bytes written per turn")
+    what = f"cache {a.sink_size}+{a.window_size}" + (" + memory k4x128" if a.memory else "")
+    plot(rows, a.out / "store_bytes.png", f"{a.model}, {what}: bytes written per turn")
     print(f"wrote {a.out / 'store_bytes.csv'} and {a.out / 'store_bytes.png'}")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import pickle
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -52,6 +53,19 @@ def _common_prefix(a: str, b: str) -> int:
 def render(tokenizer, messages: list[dict], generation_prompt: bool) -> str:
     """The chat template's text for ``messages`` (with the assistant prefix when ``generation_prompt``)."""
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def read_state(path) -> dict:
+    """The state :meth:`Session.save` wrote to ``path`` (gzipped or not), read with
+    ``weights_only=True`` (no code runs); ValueError when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:2] == b"\x1f\x8b":  # saved with compress=True
+            data = gzip.decompress(data)
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except (OSError, RuntimeError, EOFError, zlib.error, pickle.UnpicklingError) as err:
+        raise ValueError(f"cannot read a saved conversation from {path}: {err}".split("\n")[0]) from None
 
 
 def template_delta(tokenizer, last: list[dict], new: list[dict], whole: bool = False) -> str:
@@ -174,7 +188,8 @@ class Session:
         :meth:`~streamingllm.cache.SinkCache.state_dict`: the tokens it holds, not its empty
         slots), ``messages``, ``last``, ``system``, ``pinned_tokens`` and ``held`` (turn eviction's
         exchanges in the window). Tensors and lists are
-        copies: the dict does not change as the conversation goes on."""
+        copies, or (a memory's blocks, written once) never changed: the dict does not change as the
+        conversation goes on."""
         return {"format": 1, "cache": self.cache.state_dict(), "messages": [dict(m) for m in self.messages],
                 "last": [dict(m) for m in self._last], "system": self.system, "pinned_tokens": self.pinned_tokens,
                 "held": [list(u) for u in self.held.units]}
@@ -212,15 +227,7 @@ class Session:
     def load(self, path) -> None:
         """Continue the conversation :meth:`save` wrote to ``path`` (same model and cache sizes;
         ValueError otherwise). The session's system prompt becomes the saved one."""
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            if data[:2] == b"\x1f\x8b":  # saved with compress=True
-                data = gzip.decompress(data)
-            state = torch.load(io.BytesIO(data), weights_only=True)
-        except (OSError, RuntimeError, EOFError, zlib.error) as err:
-            raise ValueError(f"cannot read a saved conversation from {path}: {err}") from None
-        self.restore(state, source=str(path))
+        self.restore(read_state(path), source=str(path))
 
     def _encode(self, text: str):
         return self.tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]

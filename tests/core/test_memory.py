@@ -143,6 +143,32 @@ def test_a_saved_state_continues_exactly(tmp_path):
         MemoryCache(model, S, W + 1, MEMORY).load_state_dict(cache.state_dict())
 
 
+@pytest.mark.parametrize("bound", ["unbounded", "spilling"])
+def test_a_state_shares_the_blocks_and_stays_as_it_was_while_the_stream_goes_on(tmp_path, bound):
+    """state_dict() shares the store's blocks (written once) instead of copying them, spilled ones
+    mapped from their files: the state taken at 200 tokens is still, bit for bit, what it was
+    after 400 more (more blocks, more spills, the spill directory removed), and continues exactly."""
+    from streamingllm.serve.delta import decode, encode, states_equal
+
+    extra = {"max_cpu_blocks": 3, "spill_dir": str(tmp_path)} if bound == "spilling" else {}
+    memory = BlockMemory(block_size=8, top_k=2, repr_keys=2, chunk_size=8, **extra)
+    model = tiny_model("llama")
+    ids = _stream(600, seed=4)
+    cache = MemoryCache(model, S, W, memory)
+    prefill(model, cache, ids[None, :200], chunk_size=8)
+    state = cache.state_dict()
+    snapshot = decode(encode(state))  # a copy, bits and all
+    block = state["layers"][0]["store"]["blocks"][-1][0]
+    assert any(block is t for t in cache.layers[0].store.keys)  # shared, not copied
+    after = prefill(model, cache, ids[None, 200:], chunk_size=8, return_all_logits=True)
+    cache.close()
+    assert states_equal(state, snapshot)
+    restored = MemoryCache(model, S, W, memory)
+    restored.load_state_dict(state)
+    assert torch.equal(prefill(model, restored, ids[None, 200:], chunk_size=8, return_all_logits=True), after)
+    restored.close()
+
+
 def test_model_generate_and_the_library_loop_agree():
     """transformers' generate() (positions from get_seq_length) and generate_tokens (in-cache
     positions) write the same tokens. 145 = 24 chunks of 6 and one token, both ways (a lookup serves

@@ -131,9 +131,13 @@ def test_every_saved_turn_comes_back_exactly(make_backend, new_session, model_an
     assert not torch.allclose(_next_logits(model, other), _next_logits(model, live), atol=1e-5, rtol=0)
 
 
-def test_a_memory_session_is_saved_whole_and_comes_back_exactly(make_backend, model_and_tokenizer):
-    """A session with a memory of blocks evicting whole turns: its state (blocks and turn counts) has
-    no delta form, so each turn is stored whole, as a new base in Redis (no log of whole states)."""
+def test_a_memory_session_is_saved_per_turn_and_comes_back_exactly(make_backend, model_and_tokenizer):
+    """A session with a memory of blocks evicting whole turns, whose state grows with the
+    conversation: each turn stores a delta (its new blocks, references to the old ones and to the
+    window's slots): a log entry in Redis, a file of the chain the metadata names in the state
+    dir, and a whole state again when the deltas outgrow it. Every few turns it is loaded
+    into a fresh session (the state dir by a new backend, as after a restart) which comes back
+    with the live logits and goes on. What is written stays well under a whole state per turn."""
     model, tokenizer = model_and_tokenizer
     memory = BlockMemory(block_size=8, top_k=2, repr_keys=2, chunk_size=8)
 
@@ -144,17 +148,31 @@ def test_a_memory_session_is_saved_whole_and_comes_back_exactly(make_backend, mo
     backend, sid, live = make_backend(), _sid(), session()
     backend.create(sid, _meta(live))
     backend.acquire(sid)
-    version = 0
-    for text in _messages(12, seed=3)[:12]:
+    version, logged, whole, stored = 0, [], 0, 0
+    for i, text in enumerate(_messages(24, seed=3)):
         "".join(live.reply(text[:20]))
         version = backend.save(sid, version, _meta(live, version), live)
+        whole, stored = whole + len(encode(live.state())), stored + backend.last_bytes
         if make_backend.kind == "redis":
-            assert backend.client.llen(keys_of(sid)["log"]) == 0
-    assert live.cache.memory_blocks >= 3
-    fresh = session()
-    backend.load(sid, version, fresh)
-    assert fresh.held.units == live.held.units and fresh.messages == live.messages
-    torch.testing.assert_close(_next_logits(model, fresh), _next_logits(model, live), atol=1e-5, rtol=0)
+            logged.append(backend.client.llen(keys_of(sid)["log"]))
+        else:
+            chain = backend.read_meta(sid).get("chain", [version])
+            logged.append(len(chain) - 1)
+            assert sorted(p.name for p in backend.path.glob(f"{sid}*")) == sorted(
+                [f"{sid}.json"] + [f"{sid}.{v}.pt" for v in chain])
+        if i % 8 == 7:
+            if make_backend.kind == "dir":
+                backend.close()
+                backend = make_backend()
+            fresh = session()
+            backend.load(sid, version, fresh)
+            assert fresh.held.units == live.held.units and fresh.messages == live.messages
+            torch.testing.assert_close(_next_logits(model, fresh), _next_logits(model, live), atol=1e-5, rtol=0)
+            live = fresh
+            version = backend.save(sid, version, _meta(live, version), live)  # the probe token, saved
+    assert live.cache.memory_blocks >= 20
+    assert max(logged) >= 3 and logged.count(0) <= len(logged) / 3, logged  # deltas, and compactions
+    assert stored < whole / 2, (stored, whole)
 
 
 def test_versions_metadata_and_removal(make_backend, new_session):
@@ -207,6 +225,50 @@ def test_what_is_stored_stays_bounded(make_backend, new_session):
 
 
 # --- the state directory ---------------------------------------------------------------------------
+
+
+def test_a_state_dir_chain_survives_a_crash_and_a_lost_file_is_seen(tmp_path, model_and_tokenizer, caplog):
+    """A memory session's chain in the state dir: a delta written but never committed (a kill
+    before the metadata's rename) is removed at the next start and the chain loads exactly; a
+    chain with a file missing is reported (the session starts anew), and metadata whose chain
+    is not its versions is quarantined."""
+    import json
+    import logging
+
+    model, tokenizer = model_and_tokenizer
+    memory = BlockMemory(block_size=8, top_k=2, repr_keys=2, chunk_size=8)
+
+    def session() -> Session:
+        return Session(model, tokenizer, 4, 40, system="Be brief.", max_new_tokens=6, chunk_size=8, compile=False,
+                       memory=memory, evict="turns")
+
+    backend, sid, live = DirBackend(tmp_path), _sid(), session()
+    backend.create(sid, _meta(live))
+    version = 0
+    for text in _messages(12, seed=4):
+        "".join(live.reply(text[:20]))
+        version = backend.save(sid, version, _meta(live, version), live)
+        if len(backend.read_meta(sid).get("chain", [])) >= 3:
+            break
+    chain = backend.read_meta(sid)["chain"]
+    assert len(chain) >= 3 and chain[-1] == version
+    (tmp_path / f"{sid}.{version + 1}.pt").write_bytes(b"a delta never acknowledged")
+    backend.close()
+    again = DirBackend(tmp_path)
+    (record,) = [r for r in again.scan() if r.id == sid]
+    assert record.has_cache and not (tmp_path / f"{sid}.{version + 1}.pt").exists()
+    fresh = session()
+    again.load(sid, version, fresh)
+    torch.testing.assert_close(_next_logits(model, fresh), _next_logits(model, live), atol=1e-5, rtol=0)
+    (tmp_path / f"{sid}.{chain[1]}.pt").unlink()
+    with caplog.at_level(logging.WARNING):
+        (record,) = [r for r in again.scan() if r.id == sid]
+    assert not record.has_cache and f".{chain[1]}.pt, which is missing" in caplog.text  # (ids may be redacted)
+    meta = json.loads((tmp_path / f"{sid}.json").read_text())
+    (tmp_path / f"{sid}.json").write_text(json.dumps({**meta, "chain": [version, 1]}))
+    assert sid not in [r.id for r in again.scan()] and again.quarantined >= 1
+    again.close()
+
 
 
 def test_one_process_per_state_dir(tmp_path):

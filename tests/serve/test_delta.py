@@ -220,3 +220,90 @@ def test_first_states_and_edited_histories_are_stored_whole(tokenizer):
     assert states_equal(restored, edited)
     with pytest.raises(ValueError, match="not a conversation"):
         again.restore({"format": 0})
+
+
+def _memory_literal_rows(entry: dict) -> int:
+    """Rows (tokens) a memory layer's delta stores as literals: in its window, its partial block and
+    its new blocks (the larger of keys and values)."""
+    parts = [entry["window"], entry["partial"], *entry["store"]["added"]]
+    return sum(max(p["keys"]["literal"].shape[2], p["values"]["literal"].shape[2]) if isinstance(p, dict)
+               else 0 if p is None else p[0].shape[1] for p in parts)
+
+
+def _memory_session(model, tokenizer, memory) -> Session:
+    return Session(model, tokenizer, 4, 28, system="Be brief.", max_new_tokens=6, chunk_size=8, compile=False,
+                   memory=memory, evict="turns")
+
+
+@pytest.mark.parametrize("store", ["memory", "forgetting", "spilling"])
+def test_a_memory_sessions_deltas_rebuild_every_turn_and_store_only_its_new_blocks(tokenizer, tmp_path, store):
+    """A session with a memory of blocks (turns evicted whole into it): each delta, encoded and
+    applied to the state the previous ones rebuilt, gives the live state bit for bit, mid-reply too;
+    it refers to the old blocks, and stores of the window, partial block and new blocks only the
+    rows of the tokens the turn fed (the others are references to the old window and partial
+    block), so it stays small while the store grows; past a bound (forgotten or spilled blocks)
+    likewise. A
+    fresh session on the rebuilt state continues with the live logits."""
+    from streamingllm import BlockMemory
+
+    bound = {"memory": {}, "forgetting": {"max_cpu_blocks": 3},
+             "spilling": {"max_cpu_blocks": 3, "spill_dir": str(tmp_path)}}[store]
+    memory = BlockMemory(block_size=4, top_k=2, repr_keys=2, chunk_size=8, **bound)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    live = _memory_session(model, tokenizer, memory)
+    prev = rebuilt = None
+    sizes = []
+    for i, text in enumerate(_messages(20, seed=5, long_every=100)):
+        for j, _ in enumerate(live.reply(text)):
+            if i % 3 == 1 and j == 2:
+                cur = live.state()
+                rebuilt = apply_delta(rebuilt, decode(encode(diff_state(prev, cur))))
+                assert states_equal(rebuilt, cur), (i, "mid-reply")
+                prev = cur
+        cur = live.state()
+        delta = decode(encode(diff_state(prev, cur)))
+        assert ("whole" in delta) == (prev is None), i
+        rebuilt = apply_delta(rebuilt, delta)
+        assert states_equal(rebuilt, cur), i
+        if "memory_layers" in delta:
+            blocks = len(cur["cache"]["layers"][0]["store"]["blocks"])
+            added = blocks - len(prev["cache"]["layers"][0]["store"]["blocks"])
+            assert all(len(e["store"]["added"]) == added for e in delta["memory_layers"])
+            fed = cur["cache"]["counts"][0] - prev["cache"]["counts"][0]
+            literal = max(_memory_literal_rows(e) for e in delta["memory_layers"])
+            assert literal <= fed, (i, literal, fed)  # every row held before is a reference
+            sizes.append((tensor_bytes(delta), tensor_bytes(cur), blocks))
+        prev = cur
+    fresh = _memory_session(model, tokenizer, memory)
+    fresh.restore(rebuilt)
+    torch.testing.assert_close(_next_logits(model, fresh), _next_logits(model, live), atol=1e-5, rtol=0)
+    assert sizes[-1][2] >= 10 and len(sizes) >= 12, sizes
+    assert sizes[-1][0] < sizes[-1][1] / 3  # the late deltas are a fraction of the state
+    if store != "memory":
+        forgotten = sum(b is None for b in cur["cache"]["layers"][0]["store"]["blocks"])
+        assert (forgotten > 0) == (store == "forgetting")
+
+
+def test_a_memory_delta_applied_to_another_state_is_refused(tokenizer):
+    """Negative controls: a memory delta onto an older state, onto a token-eviction session's
+    state, or with its block references moved past the old store, is refused."""
+    from streamingllm import BlockMemory
+
+    memory = BlockMemory(block_size=4, top_k=2, repr_keys=2, chunk_size=8)
+    model = tiny_model("llama", vocab_size=len(tokenizer))
+    live, states = _memory_session(model, tokenizer, memory), []
+    for text in _messages(10, seed=6, long_every=100):
+        "".join(live.reply(text))
+        states.append(live.state())
+    delta = diff_state(states[-2], states[-1])
+    assert "memory_layers" in delta and states_equal(apply_delta(states[-2], delta), states[-1])
+    with pytest.raises(ValueError, match="another state"):
+        apply_delta(states[-3], delta)
+    plain = _session(model, tokenizer)
+    "".join(plain.reply("hello"))
+    with pytest.raises(ValueError, match="another state"):
+        apply_delta(plain.state(), delta)
+    assert "whole" in diff_state(plain.state(), states[-1]) and "whole" in diff_state(states[-1], plain.state())
+    delta["memory_layers"][0]["store"]["kept"] += 1
+    with pytest.raises(ValueError, match="blocks"):
+        apply_delta(states[-2], delta)

@@ -5,7 +5,7 @@ each session's metadata, its saved state, a commit per turn that either stores t
 raises, and leases, so that two processes never both write one session.
 
 * :class:`~.state_dir.DirBackend`: a local state directory (:class:`~.state_dir.StateDir`, whole
-  states). One process serves a directory: it locks it at start (``flock``), and holds every
+  states; a chain of per-turn deltas for states that grow with the conversation). One process serves a directory: it locks it at start (``flock``), and holds every
   session. It lives with the directory's code and is re-exported here.
 * :class:`RedisBackend`: Redis, shared by several processes (replicas). A session is four keys
   with one hash tag (``streamingllm:{sess-X}:meta|base|log|lease``, so Redis Cluster keeps them on
@@ -28,11 +28,10 @@ import secrets
 import socket
 import threading
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Protocol
 from urllib.parse import urlsplit, urlunsplit
 
-from .state_dir import FORMAT, Record
+from .state_dir import FORMAT, Held, Record
 from .state_dir import DirBackend, StateDirInUseError  # noqa: F401 (their old home: imports keep working)
 
 log = logging.getLogger(__name__)  # whole messages (f-strings): the server redacts the session ids in them
@@ -178,15 +177,6 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-@dataclass
-class _Held:
-    """What this process keeps of a session it holds, to diff its next turn against."""
-
-    version: int
-    state: dict  # the stored state at ``version`` (as loading it rebuilds it)
-    base_bytes: int
-    log_bytes: int
-
 
 class RedisBackend:
     """Sessions in Redis, shared by several processes, each under a lease (see the module).
@@ -228,7 +218,7 @@ class RedisBackend:
         self._commit, self._acquire, self._renew, self._release = (
             self.client.register_script(s) for s in (_COMMIT, _ACQUIRE, _RENEW, _RELEASE))
         self._leases: set[str] = set()
-        self._held: dict[str, _Held] = {}
+        self._held: dict[str, Held] = {}
         self._guard = threading.Lock()  # the lease set: the renewing thread reads it
         self._stop = threading.Event()
         self._renewer = threading.Thread(target=self._renew_loop, name="streamingllm-leases", daemon=True)
@@ -286,7 +276,7 @@ class RedisBackend:
         for blob in deltas:
             state = apply_delta(state, decode(blob))
         session.restore(state, source=f"{sid} in the session store")
-        self._held[sid] = _Held(version, state, len(base), sum(map(len, deltas)))
+        self._held[sid] = Held(version, state, len(base), sum(map(len, deltas)))
 
     def save(self, sid: str, version: int, meta: dict, session) -> int:
         from .delta import appended, diff_state, encode
@@ -309,7 +299,7 @@ class RedisBackend:
             except self._refused as err:
                 self._held.pop(sid, None)
                 raise LeaseLostError(_refusal(sid, str(err)), retry_after=self.lease_ms / 1000) from None
-        self._held[sid] = _Held(version + 1, state, len(blob) if whole else held.base_bytes,
+        self._held[sid] = Held(version + 1, state, len(blob) if whole else held.base_bytes,
                                 0 if whole else held.log_bytes + len(blob))
         self.last_bytes = len(blob) + len(text) + sum(map(len, added))
         self.bytes_written += self.last_bytes

@@ -12,6 +12,14 @@ stored whole (``last``, what the chat template's next delta is computed against,
 turn's messages: the whole history only after a rebuild, whose delta stores the messages whole
 anyway); messages only as what was appended (:func:`appended`).
 
+A session with a memory of evicted blocks (:class:`~streamingllm.cache.MemoryCache`) keeps its keys
+unrotated, so a token's key and value keep their bits from the window to the partial block to a
+block: the rows of its window, partial block and new blocks are matched against the old window's
+and partial block's the same way. Its blocks are written once and never changed (they may be
+forgotten, past a store's bound): a delta refers to the old state's blocks by count, checked by
+their summaries, and stores the summary rows the turn added, which blocks were forgotten, and the
+sinks and attention scores whole (small). A turn's delta holds about its own tokens' rows.
+
 ``apply_delta(old, diff_state(old, new))`` equals ``new`` bit for bit (:func:`states_equal`).
 """
 
@@ -25,6 +33,12 @@ import torch
 FORMAT = 2  # 2: keys and values matched apart
 _INTS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # bit views, by element size
 _HASHED = 64  # columns of a slot's bits that bucket it (the match then compares them all)
+
+
+def shares_history(state: dict) -> bool:
+    """True when most of ``state`` is written once and shared by the states after it (a memory's
+    blocks): keeping it to diff against costs little, and its deltas save much."""
+    return isinstance(state, dict) and isinstance(state.get("cache"), dict) and state["cache"].get("kind") == "memory"
 
 
 def encode(obj) -> bytes:
@@ -91,6 +105,8 @@ def diff_state(old: dict | None, new: dict) -> dict:
 
     The delta shares ``new``'s small tensors (sinks) and copies the literal slots.
     """
+    if _memory_comparable(old, new):
+        return _diff_memory_state(old, new)
     if not _comparable(old, new):
         return {"delta": FORMAT, "whole": new}
     cache = new["cache"]
@@ -110,6 +126,8 @@ def apply_delta(old: dict | None, delta: dict) -> dict:
         raise ValueError(f"apply_delta: not a state delta of format {FORMAT}")
     if "whole" in delta:
         return delta["whole"]
+    if "memory_layers" in delta:
+        return _apply_memory_state(old, delta)
     base = delta["base"]
     if old is None or old["cache"]["timelines"] != base["timelines"] or len(old["messages"]) != base["messages"]:
         raise ValueError("apply_delta: the delta was made against another state (its timelines or message "
@@ -137,6 +155,115 @@ def _comparable(old: dict | None, new: dict) -> bool:
     if not old or old["cache"].get("sinks") is None or new["cache"].get("sinks") is None:
         return False
     return len(old["cache"]["layers"]) == len(new["cache"]["layers"]) and "timelines" in old["cache"]
+
+
+def _memory_comparable(old: dict | None, new: dict) -> bool:
+    """Both states hold a memory cache of the same model and settings, and ``new``'s store has
+    every block of ``old``'s, with the same summaries (blocks are written once)."""
+    if not old or old["cache"].get("kind") != "memory" or new["cache"].get("kind") != "memory":
+        return False
+    a, b = ({k: v for k, v in s["cache"].items() if k not in ("counts", "layers")} for s in (old, new))
+    if a != b or len(old["cache"]["layers"]) != len(new["cache"]["layers"]):
+        return False
+    for x, y in zip(old["cache"]["layers"], new["cache"]["layers"]):
+        if (x["store"] is None) != (y["store"] is None):
+            return False
+        if x["store"] is not None and x["store"]["summaries"] is not None:
+            n = len(x["store"]["blocks"])
+            if len(y["store"]["blocks"]) < n or not states_equal(x["store"]["summaries"], y["store"]["summaries"][:n]):
+                return False
+            if any(p is None and q is not None for p, q in zip(x["store"]["blocks"], y["store"]["blocks"])):
+                return False  # a forgotten block came back: not this store's history
+    return True
+
+
+def _diff_memory_state(old: dict, new: dict) -> dict:
+    """The delta of a memory session's state (:func:`_memory_comparable`)."""
+    return {"delta": FORMAT,
+            "base": {"counts": old["cache"]["counts"], "messages": len(old["messages"])},
+            "fields": {k: v for k, v in new.items() if k not in ("cache", "messages")},
+            "cache": {k: v for k, v in new["cache"].items() if k != "layers"},
+            "memory_layers": [_diff_memory_layer(a, b) for a, b in zip(old["cache"]["layers"], new["cache"]["layers"])],
+            "messages": appended(old["messages"], new["messages"])}
+
+
+def _diff_memory_layer(old: dict, new: dict) -> dict:
+    """One memory layer: its window's and partial block's keys and values as references to the old
+    ones' rows and literals, its blocks as the old ones (minus those forgotten since) and the
+    added ones."""
+    pool = _pool(old)
+    out = {"sinks": new["sinks"], "store": new["store"],
+           **{name: _diff_rows(pool, new[name]) for name in ("window", "partial")}}
+    if new["store"] is not None and new["store"]["summaries"] is not None:
+        n, blocks, summaries = len(old["store"]["blocks"]), new["store"]["blocks"], new["store"]["summaries"]
+        out["store"] = {"kept": n, "added": [None if b is None else _diff_rows(pool, b) for b in blocks[n:]],
+                        "summaries": summaries[n:],
+                        "forgotten": [i for i in range(n) if blocks[i] is None and old["store"]["blocks"][i] is not None]}
+    return out
+
+
+def _apply_memory_state(old: dict | None, delta: dict) -> dict:
+    """The memory session's state :func:`_diff_memory_state` made ``delta`` from."""
+    base = delta["base"]
+    if (old is None or old["cache"].get("kind") != "memory" or old["cache"]["counts"] != base["counts"]
+            or len(old["messages"]) != base["messages"]):
+        raise ValueError("apply_delta: the delta was made against another state (its counts or message "
+                         "count differ): apply the deltas in order, onto the state they were made from")
+    layers = old["cache"]["layers"]
+    if len(layers) != len(delta["memory_layers"]):
+        raise ValueError(f"apply_delta: the delta has {len(delta['memory_layers'])} layers, the state {len(layers)}")
+    keep = delta["messages"]["keep"]
+    return {**delta["fields"],
+            "cache": {**delta["cache"], "layers": [_apply_memory_layer(a, e, i) for i, (a, e) in
+                                                   enumerate(zip(layers, delta["memory_layers"]))]},
+            "messages": [dict(m) for m in old["messages"][:keep] + delta["messages"]["added"]]}
+
+
+def _pool(layer: dict) -> tuple | None:
+    """A memory layer's window and partial block rows, concatenated: (1, kv_heads, n, head_dim) keys
+    and values, what the next state's rows are referred to; None when it holds neither."""
+    held = [f for f in (layer["window"], layer["partial"]) if f is not None]
+    return tuple(torch.cat([f[i] for f in held], 1)[None] for i in (0, 1)) if held else None
+
+
+def _diff_rows(pool: tuple | None, new: tuple | None) -> tuple | dict | None:
+    """A memory layer's window, partial block or new block ((kv_heads, n, head_dim) keys and values,
+    then (kv_heads, n) scores but for a block): its key and value rows as references to the rows
+    of ``pool`` (:func:`_pool`) and literals; the scores whole. As it is without a pool."""
+    if new is None or pool is None:
+        return new
+    k, v, *scores = new
+    return {"slots": k.shape[1], "scores": scores,
+            "keys": _diff_slots(pool[0], k[None]), "values": _diff_slots(pool[1], v[None])}
+
+
+def _apply_rows(pool: tuple | None, entry, what: str) -> tuple | None:
+    """The rows :func:`_diff_rows` described, its references read from ``pool``."""
+    if not isinstance(entry, dict):
+        return entry
+    if pool is None:
+        raise ValueError(f"apply_delta: {what}'s references have no rows to refer to in the state")
+    return tuple(_apply_slots(pool[i], entry[name], entry["slots"], f"{what} {name}")[0]
+                 for i, name in enumerate(("keys", "values"))) + tuple(entry["scores"])
+
+
+def _apply_memory_layer(old: dict, entry: dict, index: int) -> dict:
+    """The memory layer ``entry`` (:func:`_diff_memory_layer`) describes, its references read from ``old``."""
+    pool = _pool(old)
+    window, partial = (_apply_rows(pool, entry[name], f"layer {index}'s {name}") for name in ("window", "partial"))
+    store = entry["store"]
+    if store is not None and "kept" in store:
+        before = old["store"]
+        if before is None or len(before["blocks"]) != store["kept"]:
+            raise ValueError(f"apply_delta: layer {index} of the state does not hold the {store['kept']} blocks "
+                             "the delta refers to")
+        gone = set(store["forgotten"])
+        blocks = [None if i in gone else b for i, b in enumerate(before["blocks"])] + [
+            _apply_rows(pool, b, f"layer {index}'s block") for b in store["added"]]
+        summaries = (store["summaries"] if before["summaries"] is None else before["summaries"]
+                     if not len(store["summaries"]) else torch.cat((before["summaries"], store["summaries"])))
+        store = {"blocks": blocks, "summaries": summaries}
+    return {"sinks": entry["sinks"], "window": window, "partial": partial, "store": store}
 
 
 def _same_slots(a: tuple | None, b: tuple) -> bool:

@@ -12,6 +12,14 @@ not JSON, wrong fields) is quarantined (renamed ``*.corrupt``) and logged, so on
 stops the server. The directory is owner-only (0700), its files too (0600): the file names are
 session ids, which are what a client needs to reach a conversation.
 
+A session whose state grows with the conversation (a memory of evicted blocks:
+:func:`~.delta.shares_history`) is saved as a *chain* instead: a whole state, then one file per
+turn holding that turn's delta (:func:`~.delta.diff_state`: about the rows of the tokens the turn
+fed), until the deltas outgrow ``compact_ratio`` times the whole state, when the next turn writes a
+whole state again. The metadata names the chain (``chain``: the versions, whole state first), so
+its rename stays the commit; the files of a replaced chain are removed after it, like a replaced
+cache, and a chain with a file missing is reported at start (the session starts anew).
+
 :class:`DirBackend` is the directory as a session store (:class:`~.backends.SessionBackend`):
 one process serves a directory, which it locks at start (``flock`` on the directory itself).
 """
@@ -25,7 +33,8 @@ import os
 import re
 import stat
 import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)  # whole messages (f-strings): the server redacts the session ids in them
@@ -53,6 +62,25 @@ class Record:
     id: str
     meta: dict
     has_cache: bool
+
+
+@dataclass
+class Held:
+    """What a store keeps of a session it holds, to diff the session's next turn against.
+
+    Attributes:
+        version: the stored version ``state`` is.
+        state: the stored state at ``version``, as loading it rebuilds it.
+        base_bytes: bytes of the whole state the stored version is built on.
+        log_bytes: bytes of the deltas stored on top of it.
+        chain: the stored versions that make it up, base first (a state directory's files).
+    """
+
+    version: int
+    state: dict
+    base_bytes: int
+    log_bytes: int
+    chain: list[int] = field(default_factory=list)
 
 
 class StateDir:
@@ -100,12 +128,13 @@ class StateDir:
             except (OSError, ValueError) as err:
                 bad.add(path.stem)
                 self._quarantine(path, str(err))
+        present: dict[str, set[int]] = {}
         for path in self.path.glob("sess-*.pt"):
             match = _CACHE_NAME.match(path.name)
             sid, version = (match.group(1), int(match.group(2) or 0)) if match else (None, None)
             record = records.get(sid)
-            if record is not None and record.meta["version"] == version:
-                record.has_cache = True
+            if record is not None and version in chain_of(record.meta):
+                present.setdefault(sid, set()).add(version)
             elif sid in bad:
                 self._quarantine(path, "its metadata is unreadable")
             else:
@@ -113,10 +142,12 @@ class StateDir:
                 log.warning(f"state dir: removed {path}, a session state no metadata names (a turn that was "
                             "not acknowledged, or a deleted session)")
         for record in records.values():
+            record.has_cache = bool(record.meta["version"]) and set(chain_of(record.meta)) <= present.get(record.id, set())
             if record.meta["version"] and not record.has_cache:
-                log.warning(f"state dir: {self.meta_path(record.id)} names "
-                            f"{self.cache_path(record.id, record.meta['version'])}, which is missing: the session "
-                            "starts anew")
+                missing = sorted(set(chain_of(record.meta)) - present.get(record.id, set()))
+                names = ", ".join(str(self.cache_path(record.id, v)) for v in missing)
+                log.warning(f"state dir: {self.meta_path(record.id)} names {names}, which "
+                            f"{'is' if len(missing) == 1 else 'are'} missing: the session starts anew")
         return sorted(records.values(), key=lambda r: r.meta["last_used"])
 
     def _read(self, path: Path) -> Record:
@@ -140,6 +171,10 @@ class StateDir:
         for key, ok in checks.items():
             if key not in meta or not ok(meta[key]):
                 raise ValueError(f"its {key!r} is missing or invalid")
+        chain = meta.get("chain")
+        if chain is not None and not (isinstance(chain, list) and chain and chain[-1] == meta["version"] and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in chain) and chain == sorted(set(chain))):
+            raise ValueError("its 'chain' is not the increasing list of versions ending with its version")
         return Record(sid, meta, has_cache=False)
 
     def _upgrade(self, sid: str, old: dict, mtime: float) -> dict:
@@ -178,15 +213,25 @@ class StateDir:
         _write_private(self.meta_path(sid), lambda tmp: tmp.write_text(text))
         _fsync_dir(self.path)
 
-    def save(self, sid: str, version: int, meta: dict, session) -> int:
-        """Write ``session`` as ``sid``'s next version after ``version``, then ``meta`` naming it;
-        the previous version's cache is removed once the new one is committed. Returns the new
-        version. Raises when the turn is not on disk (the previous pair is intact then)."""
+    def save(self, sid: str, version: int, meta: dict, write: Callable[[Path], None],
+             chain: list[int] | None = None) -> int:
+        """Write ``sid``'s next version after ``version``, then ``meta`` naming it; the previous
+        version's files are removed once the new one is committed. Returns the new version.
+        Raises when the turn is not on disk (the previous files are intact then).
+
+        Args:
+            write: writes the version's file at the path it is given: the whole state
+                (``session.save``), or the encoded delta from the stored ``version``.
+            chain: for a delta, the stored versions it builds on (whole state first); None for a
+                whole state.
+        """
         new = version + 1
+        old = chain_of(self.read_meta(sid) or {}) if version else []
+        chain = [*chain, new] if chain is not None else [new]
         cache = self.cache_path(sid, new)
-        _write_private(cache, session.save)
+        _write_private(cache, write)
         _fsync_dir(self.path)
-        text = json.dumps({**meta, "format": FORMAT, "version": new})
+        text = json.dumps({**meta, "format": FORMAT, "version": new, **({"chain": chain} if len(chain) > 1 else {})})
         try:
             _write_private(self.meta_path(sid), lambda tmp: tmp.write_text(text))
         except BaseException:
@@ -194,19 +239,27 @@ class StateDir:
             raise
         try:  # committed: from here on nothing may raise (the turn is on disk)
             _fsync_dir(self.path)
-            if version:
-                self.cache_path(sid, version).unlink(missing_ok=True)
+            for v in set(old) - set(chain):
+                self.cache_path(sid, v).unlink(missing_ok=True)
         except OSError as err:
             log.warning(f"state dir: after saving {sid} version {new}: {err}")
         return new
 
     def remove(self, sid: str, version: int) -> None:
-        """Delete ``sid``'s files: the metadata first, so that a crash leaves only an orphan cache."""
-        for path in (self.meta_path(sid), self.cache_path(sid, version)):
+        """Delete ``sid``'s files: the metadata first, so that a crash leaves only orphan caches."""
+        chain = chain_of(self.read_meta(sid) or {"version": version})
+        for path in (self.meta_path(sid), *(self.cache_path(sid, v) for v in chain)):
             try:
                 path.unlink(missing_ok=True)
             except OSError as err:
                 log.warning(f"state dir: cannot remove {path}: {err}")
+
+
+def chain_of(meta: dict) -> list[int]:
+    """The versions of the files that make up the stored state ``meta`` names, whole state
+    first: its ``chain``, or its version alone (none before the first turn)."""
+    version = meta.get("version") or 0
+    return list(meta.get("chain") or ([version] if version else []))
 
 
 def _write_private(path: Path, write) -> None:
@@ -274,21 +327,28 @@ def _unlock_dir(key: tuple[int, int]) -> None:
 
 
 class DirBackend(StateDir):
-    """The state directory as a session store (:class:`~.backends.SessionBackend`), whole states:
-    this process holds every session (the directory's lock is its one lease, so acquire, renew
-    and release do nothing). ``scan``, ``read_meta``, ``remove`` and ``quarantined`` are
-    :class:`StateDir`'s.
+    """The state directory as a session store (:class:`~.backends.SessionBackend`): whole states,
+    or chains of deltas for states that grow with the conversation (see the module). This process
+    holds every session (the directory's lock is its one lease, so acquire, renew and release do
+    nothing). ``scan``, ``read_meta``, ``remove`` and ``quarantined`` are :class:`StateDir`'s.
 
     Args:
         path: the directory (created owner-only).
+        compact_ratio: a chain's deltas are followed by a whole state when their bytes would
+            exceed this many times the whole state's (> 0).
     """
 
     shared = False
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, compact_ratio: float = 1.0):
+        from ..checks import check_float
+
+        check_float("compact_ratio", compact_ratio, 0, open_min=True)
         super().__init__(path)
         self._lock = _lock_dir(self.path)
+        self.compact_ratio = compact_ratio
         self.bytes_written = self.last_bytes = 0
+        self._held: dict[str, Held] = {}  # chained sessions' last stored states, to diff the next turn against
 
     def lookup(self, sid: str) -> Record | None:
         meta = self.read_meta(sid)
@@ -300,17 +360,62 @@ class DirBackend(StateDir):
         self.write_meta(sid, meta)
 
     def load(self, sid: str, version: int, session) -> None:
-        session.load(self.cache_path(sid, version))
+        meta = self.read_meta(sid) or {}
+        chain = chain_of(meta) if meta.get("version") == version else [version]
+        self._held.pop(sid, None)
+        if len(chain) == 1:
+            session.load(self.cache_path(sid, version))
+            return
+        from ..session import read_state
+        from .delta import apply_delta, decode
+
+        state, logged = read_state(self.cache_path(sid, chain[0])), 0
+        for v in chain[1:]:
+            try:
+                data = self.cache_path(sid, v).read_bytes()
+            except OSError as err:
+                raise ValueError(f"cannot read {sid}'s delta of version {v}: {err}") from None
+            state, logged = apply_delta(state, decode(data)), logged + len(data)
+        session.restore(state, source=str(self.cache_path(sid, version)))
+        self._held[sid] = Held(version, state, self.cache_path(sid, chain[0]).stat().st_size, logged, chain)
 
     def save(self, sid: str, version: int, meta: dict, session) -> int:
-        new = super().save(sid, version, meta, session)
+        """As :class:`~.backends.SessionBackend` says; a session with no ``state()`` (only ``save`` and
+        ``load``) is written whole by its ``save``."""
+        from .delta import diff_state, encode, shares_history
+
+        state = session.state() if callable(getattr(session, "state", None)) else None
+        chained = state is not None and shares_history(state)
+        held = self._held.pop(sid, None)
+        blob = None
+        if chained and held is not None and held.version == version:
+            delta = diff_state(held.state, state)
+            blob = None if "whole" in delta else encode(delta)
+            if blob is not None and held.log_bytes + len(blob) > self.compact_ratio * held.base_bytes:
+                blob = None  # the chain has outgrown its whole state: a new one
+        if blob is not None:
+            new = super().save(sid, version, meta, lambda tmp: tmp.write_bytes(blob), held.chain)
+        elif state is not None:
+            import torch
+
+            new = super().save(sid, version, meta, lambda tmp: torch.save(state, tmp))  # as Session.save writes it
+        else:
+            new = super().save(sid, version, meta, session.save)
         try:
-            written = sum(p.stat().st_size for p in (self.cache_path(sid, new), self.meta_path(sid)))
+            size = self.cache_path(sid, new).stat().st_size
+            written = size + self.meta_path(sid).stat().st_size
         except OSError:  # committed; only the count is lost
-            written = 0
+            size = written = 0
+        if chained:
+            self._held[sid] = (Held(new, state, size, 0, [new]) if blob is None else
+                               Held(new, state, held.base_bytes, held.log_bytes + size, [*held.chain, new]))
         self.last_bytes = written
         self.bytes_written += written
         return new
+
+    def remove(self, sid: str, version: int) -> None:
+        self._held.pop(sid, None)
+        super().remove(sid, version)
 
     def acquire(self, sid: str) -> None:
         pass
@@ -319,7 +424,7 @@ class DirBackend(StateDir):
         pass
 
     def release(self, sid: str) -> None:
-        pass
+        self._held.pop(sid, None)
 
     def close(self) -> None:
         if self._lock is not None:
