@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..cache.blocks import BlockMemory
+from ..cache import BlockMemory
 from ..report import format_table, format_value, pyplot, save_figure, write_csv
 from .perplexity import Scores, Setting, Summary, subsampled
 

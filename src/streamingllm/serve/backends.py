@@ -5,8 +5,9 @@ each session's metadata, its saved state, a commit per turn that either stores t
 raises, and leases, so that two processes never both write one session.
 
 * :class:`~.state_dir.DirBackend`: a local state directory (:class:`~.state_dir.StateDir`, whole
-  states; a chain of per-turn deltas for states that grow with the conversation). One process serves a directory: it locks it at start (``flock``), and holds every
-  session. It lives with the directory's code and is re-exported here.
+  states; a chain of per-turn deltas for states that grow with the conversation). One process
+  serves a directory: it locks it at start (``flock``), and holds every session. It lives with
+  the directory's code and is re-exported here.
 * :class:`RedisBackend`: Redis, shared by several processes (replicas). A session is four keys
   with one hash tag (``streamingllm:{sess-X}:meta|base|log|lease``, so Redis Cluster keeps them on
   one node) and its transcript (``:messages``). A turn appends the delta from the previous
@@ -177,7 +178,6 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
-
 class RedisBackend:
     """Sessions in Redis, shared by several processes, each under a lease (see the module).
 
@@ -300,7 +300,7 @@ class RedisBackend:
                 self._held.pop(sid, None)
                 raise LeaseLostError(_refusal(sid, str(err)), retry_after=self.lease_ms / 1000) from None
         self._held[sid] = Held(version + 1, state, len(blob) if whole else held.base_bytes,
-                                0 if whole else held.log_bytes + len(blob))
+                               0 if whole else held.log_bytes + len(blob))
         self.last_bytes = len(blob) + len(text) + sum(map(len, added))
         self.bytes_written += self.last_bytes
         return version + 1
